@@ -1,0 +1,1 @@
+"""Pieces shared by the shopvision services: config parsing, logging, errors, gRPC server wiring."""

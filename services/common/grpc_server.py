@@ -1,0 +1,55 @@
+"""gRPC server wiring shared by the services: health, reflection, message-size limits, graceful stop."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Iterable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+LOG = logging.getLogger(__name__)
+
+
+def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
+
+
+def create_server(
+    interceptors: Sequence[grpc.aio.ServerInterceptor],
+    max_message_bytes: int,
+) -> grpc.aio.Server:
+    options = message_size_options(max_message_bytes) + [("grpc.so_reuseport", 0)]
+    return grpc.aio.server(interceptors=list(interceptors), options=options)
+
+
+def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> health.HealthServicer:
+    """Register ``grpc.health.v1`` (starting NOT_SERVING) and server reflection for ``service_names``."""
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names)
+    reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME], server)
+    return health_servicer
+
+
+async def set_serving(health_servicer: health.HealthServicer, service_names: Iterable[str], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", *service_names):
+        await health_servicer.set(name, status)
+
+
+async def serve_until_signalled(server: grpc.aio.Server, grace_s: float, on_stop=None) -> None:
+    """Run until SIGTERM/SIGINT, then stop accepting and give in-flight calls ``grace_s`` to finish."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    LOG.info("stopping: draining in-flight calls for up to %.1f s", grace_s)
+    if on_stop is not None:
+        await on_stop()
+    await server.stop(grace_s)
+    LOG.info("stopped")

@@ -1,0 +1,31 @@
+"""The preprocessing recipe of a model version (its source of truth: ``preprocess.*`` in config.pbtxt)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.errors import InvalidInput
+
+CROPS = ("center", "object", "stretch")
+BACKGROUNDS = ("keep", "dark")
+
+
+@dataclass(frozen=True)
+class Spec:
+    height: int
+    width: int
+    channels: int = 3
+    crop: str = "center"
+    resize_shorter: int = 0
+    background: str = "keep"
+
+    def validate(self) -> "Spec":
+        if not (1 <= self.height <= 4096 and 1 <= self.width <= 4096):
+            raise InvalidInput(f"spec size {self.height}x{self.width} is outside 1..4096", reason="bad_spec")
+        if self.channels not in (1, 3):
+            raise InvalidInput(f"spec channels={self.channels}; use 1 or 3", reason="bad_spec")
+        if self.crop not in CROPS:
+            raise InvalidInput(f"spec crop={self.crop!r}; use one of {', '.join(CROPS)}", reason="bad_spec")
+        if self.background not in BACKGROUNDS:
+            raise InvalidInput(f"spec background={self.background!r}; use one of {', '.join(BACKGROUNDS)}",
+                               reason="bad_spec")
+        return self

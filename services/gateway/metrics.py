@@ -1,0 +1,22 @@
+"""Prometheus metrics of the gateway (one place for every name)."""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BYTES_BUCKETS = tuple(float(2 ** p) for p in range(10, 26, 2))  # 1 KiB .. 32 MiB
+
+REQUESTS = Counter("shopvision_gateway_requests_total", "Calls by method and gRPC status code", ["method", "code"])
+REQUEST_SECONDS = Histogram("shopvision_gateway_request_duration_seconds", "Whole call, server side",
+                            ["method"], buckets=LATENCY_BUCKETS)
+HOP_SECONDS = Histogram("shopvision_gateway_hop_duration_seconds", "Time spent in each downstream hop",
+                        ["hop"], buckets=LATENCY_BUCKETS)
+IN_FLIGHT = Gauge("shopvision_gateway_in_flight_requests", "Images being classified now")
+REQUEST_BYTES = Histogram("shopvision_gateway_image_bytes", "Size of received encoded images",
+                          buckets=BYTES_BUCKETS)
+REJECTED = Counter("shopvision_gateway_rejected_total", "Requests refused as invalid, by reason", ["reason"])
+UPSTREAM_ERRORS = Counter("shopvision_gateway_upstream_errors_total", "Failed calls to a downstream service",
+                          ["upstream", "code"])
+SHED = Counter("shopvision_gateway_shed_total", "Requests refused with RESOURCE_EXHAUSTED because the gateway was full")
+UPSTREAM_UP = Gauge("shopvision_gateway_upstream_up", "1 when the downstream service answers its health check",
+                    ["upstream"])

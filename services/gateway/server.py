@@ -1,0 +1,102 @@
+"""Wire the gateway: servicer, error interceptor, health (tracking Triton and preprocess), reflection, metrics."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+from grpc_health.v1 import health
+from prometheus_client import start_http_server
+from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
+
+from services.common.errors import ErrorInterceptor, ShopvisionError
+from services.common.grpc_server import add_health_and_reflection, create_server, serve_until_signalled, set_serving
+from services.gateway import metrics
+from services.gateway.concurrency import AdmissionGate
+from services.gateway.config import GatewayConfig
+from services.gateway.preprocess_client import PreprocessClient
+from services.gateway.servicer import ProductRecognitionServicer
+from services.gateway.triton import TritonBackend
+
+LOG = logging.getLogger(__name__)
+SERVICE_NAME = recognition_pb2.DESCRIPTOR.services_by_name["ProductRecognition"].full_name
+
+
+def observe(method: str, code: grpc.StatusCode, error: ShopvisionError | None, seconds: float) -> None:
+    metrics.REQUESTS.labels(method, code.name).inc()
+    metrics.REQUEST_SECONDS.labels(method).observe(seconds)
+    if error is not None and code == grpc.StatusCode.INVALID_ARGUMENT:
+        metrics.REJECTED.labels(error.reason).inc()
+
+
+class HealthTracker:
+    """SERVING only while Triton is ready with the default model and the preprocess service is SERVING."""
+
+    def __init__(self, config: GatewayConfig, health_servicer: health.HealthServicer,
+                 preprocess: PreprocessClient, triton: TritonBackend) -> None:
+        self._config = config
+        self._health = health_servicer
+        self._preprocess = preprocess
+        self._triton = triton
+        self.serving: bool | None = None
+        self.stopping = False
+
+    async def check_once(self) -> bool:
+        preprocess_up, triton_up = await asyncio.gather(self._preprocess.ready(), self._triton.ready())
+        metrics.UPSTREAM_UP.labels("preprocess").set(preprocess_up)
+        metrics.UPSTREAM_UP.labels("triton").set(triton_up)
+        if triton_up:
+            try:
+                await self._triton.refresh_if_older(self._config.model_refresh_s if self.serving else 0.0)
+            except ShopvisionError as error:
+                LOG.warning("model refresh failed: %s", error.message)
+                triton_up = False
+        model_ready = self._config.default_model in self._triton.models
+        serving = preprocess_up and triton_up and model_ready and not self.stopping
+        if serving != self.serving:
+            LOG.log(logging.INFO if serving else logging.WARNING, "health: %s", "SERVING" if serving else "NOT_SERVING",
+                    extra={"fields": {"preprocess": preprocess_up, "triton": triton_up,
+                                      "default_model_ready": model_ready}})
+            await set_serving(self._health, [SERVICE_NAME], serving)
+            self.serving = serving
+        return serving
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.check_once()
+            except Exception:
+                LOG.exception("health check failed")
+            await asyncio.sleep(self._config.health_interval_s)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        await set_serving(self._health, [SERVICE_NAME], False)
+
+
+async def serve(config: GatewayConfig) -> None:
+    preprocess = PreprocessClient(config.preprocess_address, max_message_bytes=config.max_image_bytes + 64 * 1024)
+    triton = TritonBackend(config.triton_address)
+    server = create_server([ErrorInterceptor(observe)], max_message_bytes=config.max_image_bytes + 64 * 1024)
+    recognition_pb2_grpc.add_ProductRecognitionServicer_to_server(
+        ProductRecognitionServicer(config, preprocess, triton, AdmissionGate(config.max_in_flight)), server)
+    health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
+    await set_serving(health_servicer, [SERVICE_NAME], False)
+    server.add_insecure_port(config.address)
+    if config.metrics_port:
+        host = config.address.rpartition(":")[0].strip("[]") or "127.0.0.1"
+        start_http_server(config.metrics_port, addr=host)
+    tracker = HealthTracker(config, health_servicer, preprocess, triton)
+    await server.start()
+    LOG.info("gateway serving on %s (preprocess %s, Triton %s, metrics :%d/metrics)",
+             config.address, config.preprocess_address, config.triton_address, config.metrics_port)
+    health_task = asyncio.create_task(tracker.run())
+    try:
+        await serve_until_signalled(server, config.grace_s, on_stop=tracker.stop)
+    finally:
+        health_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await health_task
+        await preprocess.close()
+        await triton.close()

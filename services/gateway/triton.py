@@ -1,0 +1,174 @@
+"""Talks to Triton over one shared gRPC channel: readiness, model discovery, inference.
+
+Public models are Triton models whose config has the parameter
+``shopvision.public: "true"`` (the ensembles). Their preprocessing recipe is
+read from the same config (``preprocess.*`` parameters and the ``image`` input
+dims), so the model repository is its one source of truth.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.utils import InferenceServerException
+
+from services.common.errors import DeadlineExceeded, ShopvisionError, Unavailable
+from services.gateway import metrics
+from services.common.spec import Spec
+
+LOG = logging.getLogger(__name__)
+
+INPUT = "image"
+OUTPUT = "probabilities"
+CHANNEL_ARGS = [
+    # Reconnect quickly after Triton restarts; the default backoff grows to two minutes.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+@dataclass
+class Model:
+    name: str
+    versions: list[str]
+    spec: Spec
+    num_classes: int
+    labels: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Classification:
+    scores: list[float]
+    class_ids: list[int]
+    labels: list[str]
+    model_version: str
+
+
+def _to_error(error: InferenceServerException, what: str) -> ShopvisionError:
+    status = str(error.status() or "")
+    metrics.UPSTREAM_ERRORS.labels("triton", status.replace("StatusCode.", "") or "UNKNOWN").inc()
+    if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in str(error.message()):
+        return DeadlineExceeded(f"deadline exceeded while waiting for Triton ({what})", reason="deadline")
+    return Unavailable(f"Triton is unavailable ({what}): {error.message()}", reason="triton")
+
+
+def spec_from_config(config: dict) -> Spec:
+    params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    image_input = next((i for i in config["input"] if i["name"] == INPUT), None)
+    if image_input is None:
+        raise ValueError(f"model {config['name']} has no input named {INPUT!r}")
+    height, width, channels = (int(d) for d in image_input["dims"])
+    return Spec(
+        height=height, width=width, channels=channels,
+        crop=params.get("preprocess.crop", "center"),
+        resize_shorter=int(params.get("preprocess.resize_shorter", "0") or 0),
+        background=params.get("preprocess.background", "keep"),
+    ).validate()
+
+
+def parse_classification(row: np.ndarray) -> tuple[list[float], list[int], list[str]]:
+    """Triton's classification extension returns ``b"score:index:label"`` strings, best first."""
+    scores, ids, labels = [], [], []
+    for item in row:
+        score, index, label = item.decode("utf-8").split(":", 2)
+        scores.append(float(score))
+        ids.append(int(index))
+        labels.append(label)
+    return scores, ids, labels
+
+
+class TritonBackend:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._client = triton_aio.InferenceServerClient(address, channel_args=CHANNEL_ARGS)
+        self._models: dict[str, Model] = {}
+        self._refreshed_at = 0.0
+        self._refresh_lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def ready(self, timeout_s: float = 1.0) -> bool:
+        try:
+            return bool(await self._client.is_server_ready(client_timeout=timeout_s))
+        except InferenceServerException:
+            return False
+
+    @property
+    def models(self) -> dict[str, Model]:
+        return self._models
+
+    async def refresh(self, timeout_s: float = 5.0) -> dict[str, Model]:
+        """Re-read which public models and versions are READY (labels fetched once per model)."""
+        async with self._refresh_lock:
+            try:
+                index = await self._client.get_model_repository_index(as_json=True, client_timeout=timeout_s)
+            except InferenceServerException as error:
+                raise _to_error(error, "listing models") from None
+            ready: dict[str, list[str]] = {}
+            for entry in index.get("models", []):
+                if entry.get("state") == "READY":
+                    ready.setdefault(entry["name"], []).append(entry.get("version", ""))
+            models: dict[str, Model] = {}
+            for name, versions in ready.items():
+                try:
+                    config = (await self._client.get_model_config(name, as_json=True, client_timeout=timeout_s))["config"]
+                except InferenceServerException as error:
+                    raise _to_error(error, f"reading config of {name}") from None
+                if config.get("parameters", {}).get("shopvision.public", {}).get("string_value") != "true":
+                    continue
+                try:
+                    spec = spec_from_config(config)
+                except (ValueError, ShopvisionError) as error:
+                    LOG.error("model %s has a bad preprocessing spec: %s", name, error)
+                    continue
+                output = next(o for o in config["output"] if o["name"] == OUTPUT)
+                model = Model(name, sorted(versions, key=lambda v: int(v) if v.isdigit() else 0),
+                              spec, int(output["dims"][-1]))
+                previous = self._models.get(name)
+                if previous and previous.labels and previous.num_classes == model.num_classes:
+                    model.labels = previous.labels
+                else:
+                    model.labels = await self._fetch_labels(model, timeout_s)
+                models[name] = model
+            self._models = models
+            self._refreshed_at = time.monotonic()
+            return models
+
+    async def refresh_if_older(self, seconds: float) -> None:
+        if time.monotonic() - self._refreshed_at > seconds:
+            await self.refresh()
+
+    async def _fetch_labels(self, model: Model, timeout_s: float) -> list[str]:
+        """All labels in class order, through the classification extension on a blank image."""
+        pixels = np.zeros((1, model.spec.height, model.spec.width, model.spec.channels), dtype=np.uint8)
+        result = await self._infer(model.name, pixels, model.num_classes, timeout_s, request_id="labels")
+        _, ids, labels = parse_classification(result.as_numpy(OUTPUT)[0])
+        by_id = dict(zip(ids, labels))
+        return [by_id.get(i, str(i)) for i in range(model.num_classes)]
+
+    async def _infer(self, name: str, pixels: np.ndarray, top_k: int, timeout_s: float, request_id: str):
+        inputs = [triton_aio.InferInput(INPUT, list(pixels.shape), "UINT8")]
+        inputs[0].set_data_from_numpy(pixels)
+        outputs = [triton_aio.InferRequestedOutput(OUTPUT, class_count=top_k)]
+        try:
+            return await self._client.infer(name, inputs, outputs=outputs, request_id=request_id,
+                                            client_timeout=timeout_s)
+        except InferenceServerException as error:
+            raise _to_error(error, f"inferring {name}") from None
+
+    async def classify(self, model: Model, pixels: np.ndarray, top_k: int, timeout_s: float,
+                       request_id: str) -> Classification:
+        result = await self._infer(model.name, pixels[None], top_k, timeout_s, request_id)
+        scores, ids, labels = parse_classification(result.as_numpy(OUTPUT)[0])
+        return Classification(scores, ids, labels, result.get_response().model_version)

@@ -1,0 +1,61 @@
+"""The ``shopvision.v1.Preprocessor`` servicer: decode + transform in a worker thread pool."""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from shopvision.v1 import preprocess_pb2, preprocess_pb2_grpc
+
+from services.common.errors import InvalidInput
+from services.common.logging import request_id_var
+from services.preprocess import metrics
+from services.common.spec import Spec
+from services.preprocess.imaging import preprocess
+
+
+def spec_from_message(message: preprocess_pb2.ImageSpec) -> Spec:
+    if not message.height or not message.width:
+        raise InvalidInput("spec must give height and width", reason="bad_spec")
+    return Spec(
+        height=message.height,
+        width=message.width,
+        channels=message.channels or 3,
+        crop=message.crop or "center",
+        resize_shorter=message.resize_shorter,
+        background=message.background or "keep",
+    )
+
+
+class PreprocessServicer(preprocess_pb2_grpc.PreprocessorServicer):
+    def __init__(self, executor: ThreadPoolExecutor, max_image_bytes: int, max_image_pixels: int) -> None:
+        self._executor = executor
+        self._max_image_bytes = max_image_bytes
+        self._max_image_pixels = max_image_pixels
+
+    async def Preprocess(
+        self, request: preprocess_pb2.PreprocessRequest, context: grpc.aio.ServicerContext
+    ) -> preprocess_pb2.PreprocessResponse:
+        request_id_var.set(dict(context.invocation_metadata() or ()).get("x-request-id", ""))
+        metrics.IN_FLIGHT.inc()
+        try:
+            size = len(request.image)
+            metrics.IMAGE_BYTES.observe(size)
+            if size > self._max_image_bytes:
+                raise InvalidInput(f"image is {size:,} bytes; the limit is {self._max_image_bytes:,}",
+                                   reason="too_large")
+            spec = spec_from_message(request.spec)
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(
+                self._executor, preprocess, request.image, spec, self._max_image_pixels)
+            metrics.DECODE_SECONDS.labels(result.header.format).observe(result.decode_s)
+            metrics.TRANSFORM_SECONDS.observe(result.transform_s)
+            h, w, c = result.pixels.shape
+            return preprocess_pb2.PreprocessResponse(
+                pixels=result.pixels.tobytes(), height=h, width=w, channels=c,
+                format=result.header.format,
+                original_width=result.header.width, original_height=result.header.height,
+                decode_ms=result.decode_s * 1e3, transform_ms=result.transform_s * 1e3,
+            )
+        finally:
+            metrics.IN_FLIGHT.dec()

@@ -1,0 +1,3 @@
+from services.triton.launcher import main
+
+main()

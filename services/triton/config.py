@@ -1,0 +1,38 @@
+"""Settings of the local Triton launcher, from environment variables."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from services.common.config import env_int, env_str
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    model_repository: Path
+    backend_directory: Path
+    host: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    log_verbose: int
+    exit_timeout_s: int
+    load_models: tuple[str, ...]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "TritonConfig":
+        load = env_str("TRITON_LOAD_MODELS", "*", env)
+        return cls(
+            model_repository=Path(env_str("TRITON_MODEL_REPOSITORY", str(REPO_ROOT / "model_repository"), env)),
+            backend_directory=Path(env_str("TRITON_BACKEND_DIRECTORY", str(REPO_ROOT / ".cache" / "triton-backends"), env)),
+            host=env_str("TRITON_HOST", "127.0.0.1", env),
+            http_port=env_int("TRITON_HTTP_PORT", 8000, env, minimum=1),
+            grpc_port=env_int("TRITON_GRPC_PORT", 8001, env, minimum=1),
+            metrics_port=env_int("TRITON_METRICS_PORT", 8002, env, minimum=1),
+            log_verbose=env_int("TRITON_LOG_VERBOSE", 0, env, minimum=0),
+            exit_timeout_s=env_int("TRITON_EXIT_TIMEOUT_SECONDS", 10, env, minimum=0),
+            load_models=tuple(m.strip() for m in load.split(",") if m.strip()),
+        )

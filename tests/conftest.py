@@ -1,0 +1,57 @@
+"""Shared fixtures: the real stack (Triton from the wheel, preprocess, gateway) on free loopback ports."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+from shopvision.v1 import recognition_pb2_grpc
+
+from services.stack import Ports, Stack, sample_photo
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One shared stack for the session. Tests that break services use :func:`make_stack` instead."""
+    running = Stack(ports=Ports.free(), log_dir=tmp_path_factory.mktemp("stack-logs"))
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path) -> Iterator:
+    """Factory for a private stack (own ports, own logs) that the test may kill parts of."""
+    started: list[Stack] = []
+
+    def factory(**extra_env: str) -> Stack:
+        private = Stack(ports=Ports.free(), log_dir=tmp_path / f"stack-{len(started)}", extra_env=extra_env)
+        started.append(private)
+        return private.start()
+
+    yield factory
+    for private in started:
+        private.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway_channel(stack: Stack) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(stack.gateway_address, options=[
+            ("grpc.max_send_message_length", 64 * 1024 * 1024)]) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def gateway(gateway_channel: grpc.Channel) -> recognition_pb2_grpc.ProductRecognitionStub:
+    return recognition_pb2_grpc.ProductRecognitionStub(gateway_channel)
+
+
+def photo_bytes(name: str) -> bytes:
+    """Bytes of a real photo shipped in scikit-image or scikit-learn."""
+    path = sample_photo(name)
+    if not path.exists():
+        import sklearn
+
+        path = Path(sklearn.__file__).parent / "datasets" / "images" / name
+    return path.read_bytes()

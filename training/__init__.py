@@ -1,0 +1,1 @@
+"""Model building, training, evaluation and export (uses torch; never imported by serving code)."""

@@ -1,0 +1,102 @@
+"""Export an image classifier to ONNX in the layout the serving path expects.
+
+The exported graph takes ``image``: uint8, NHWC, shape (N, H, W, C), and does
+the cast, normalisation and NCHW transpose itself, so only raw pixels travel on
+the wire. It returns ``logits`` (N, classes) and ``embedding`` (N, features),
+the pooled features before the classifier head (for similar-product search).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+LOG = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("logits", "embedding")
+
+
+class UInt8NHWCWrapper(nn.Module):
+    """Wraps ``features`` + ``head`` so that the graph starts from uint8 NHWC pixels.
+
+    ``normalize`` maps float pixels in [0, 255] to the network's input range;
+    EfficientNet-Lite uses ``(x - 127) / 128``.
+    """
+
+    def __init__(
+        self,
+        features: Callable[[torch.Tensor], torch.Tensor],
+        head: nn.Module,
+        mean: float = 127.0,
+        std: float = 128.0,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.mean = mean
+        self.std = std
+        self.in_channels = in_channels
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = image.permute(0, 3, 1, 2).float()
+        x = (x - self.mean) / self.std
+        embedding = self.features(x)
+        logits = self.head(embedding)
+        return logits, embedding
+
+
+def export(
+    model: nn.Module,
+    path: Path,
+    height: int,
+    width: int,
+    channels: int,
+    opset: int = 17,
+) -> Path:
+    """Export ``model`` (a :class:`UInt8NHWCWrapper`) with a dynamic batch axis and check it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    sample = torch.randint(0, 256, (2, height, width, channels), dtype=torch.uint8)
+    tmp = path.with_suffix(".tmp.onnx")
+    torch.onnx.export(
+        model,
+        (sample,),
+        str(tmp),
+        input_names=[INPUT_NAME],
+        output_names=list(OUTPUT_NAMES),
+        dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}},
+        opset_version=opset,
+        dynamo=False,
+    )
+    onnx_model = onnx.load(str(tmp))
+    onnx.checker.check_model(onnx_model)
+    tmp.replace(path)
+    max_diff = check_parity(model, path, height, width, channels)
+    LOG.info("exported %s (ONNX Runtime vs PyTorch max |diff| %.2e)", path, max_diff)
+    return path
+
+
+def check_parity(model: nn.Module, path: Path, height: int, width: int, channels: int, batch: int = 3) -> float:
+    """Largest absolute difference between PyTorch and ONNX Runtime logits on random pixels."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(batch, height, width, channels), dtype=np.uint8)
+    with torch.no_grad():
+        expected_logits, expected_embedding = model(torch.from_numpy(pixels))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits, embedding = session.run(list(OUTPUT_NAMES), {INPUT_NAME: pixels})
+    diff = max(
+        float(np.abs(logits - expected_logits.numpy()).max()),
+        float(np.abs(embedding - expected_embedding.numpy()).max()),
+    )
+    if diff > 1e-3:
+        raise RuntimeError(f"ONNX Runtime output differs from PyTorch by {diff:.2e} (> 1e-3)")
+    return diff
