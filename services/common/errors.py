@@ -60,11 +60,25 @@ class ResultObserver(Protocol):
     def __call__(self, method: str, code: grpc.StatusCode, error: ShopvisionError | None, seconds: float) -> None: ...
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps :class:`ShopvisionError` to its status code; anything else becomes ``INTERNAL``."""
+class OversizedRequest:
+    """Stands in for a request whose serialized size is over the limit: it is never parsed."""
 
-    def __init__(self, observe: ResultObserver | None = None) -> None:
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps :class:`ShopvisionError` to its status code; anything else becomes ``INTERNAL``.
+
+    With ``max_request_bytes``, a request larger than that is refused with
+    ``INVALID_ARGUMENT`` (and counted) without being parsed into a second copy.
+    The server's transport limit should sit above it (see ``transport_limit``),
+    so only grossly oversized messages are cut off by gRPC itself.
+    """
+
+    def __init__(self, observe: ResultObserver | None = None, max_request_bytes: int | None = None) -> None:
         self._observe = observe or (lambda method, code, error, seconds: None)
+        self._max_request_bytes = max_request_bytes
 
     async def intercept_service(
         self,
@@ -77,9 +91,20 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         behavior = handler.unary_unary
         method = handler_call_details.method.rsplit("/", 1)[-1]
 
+        limit = self._max_request_bytes
+        parse = handler.request_deserializer
+
+        def deserialize(raw: bytes) -> Any:
+            if limit is not None and len(raw) > limit:
+                return OversizedRequest(len(raw))
+            return parse(raw) if parse else raw
+
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             try:
+                if isinstance(request, OversizedRequest):
+                    raise InvalidInput(f"request is {request.size:,} bytes; images are limited to {limit:,} bytes",
+                                       reason="too_large")
                 response = await behavior(request, context)
             except ShopvisionError as error:
                 self._observe(method, error.code, error, time.perf_counter() - start)
@@ -102,6 +127,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserialize,
             response_serializer=handler.response_serializer,
         )
+
+
+def transport_limit(max_request_bytes: int) -> int:
+    """gRPC's own receive limit: room above the counted application limit, capped at 256 MiB."""
+    return min(2 * max_request_bytes + 1024 * 1024, 256 * 1024 * 1024)

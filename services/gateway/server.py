@@ -10,7 +10,7 @@ from grpc_health.v1 import health
 from prometheus_client import start_http_server
 from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
 
-from services.common.errors import ErrorInterceptor, ShopvisionError
+from services.common.errors import ErrorInterceptor, ShopvisionError, transport_limit
 from services.common.grpc_server import add_health_and_reflection, create_server, serve_until_signalled, set_serving
 from services.gateway import metrics
 from services.gateway.concurrency import AdmissionGate
@@ -78,7 +78,9 @@ class HealthTracker:
 async def serve(config: GatewayConfig) -> None:
     preprocess = PreprocessClient(config.preprocess_address, max_message_bytes=config.max_image_bytes + 64 * 1024)
     triton = TritonBackend(config.triton_address)
-    server = create_server([ErrorInterceptor(observe)], max_message_bytes=config.max_image_bytes + 64 * 1024)
+    request_limit = config.max_image_bytes + 64 * 1024  # the image plus the other request fields
+    server = create_server([ErrorInterceptor(observe, max_request_bytes=request_limit)],
+                           max_message_bytes=transport_limit(request_limit))
     recognition_pb2_grpc.add_ProductRecognitionServicer_to_server(
         ProductRecognitionServicer(config, preprocess, triton, AdmissionGate(config.max_in_flight)), server)
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])

@@ -9,7 +9,7 @@ import grpc
 from prometheus_client import start_http_server
 from shopvision.v1 import preprocess_pb2, preprocess_pb2_grpc
 
-from services.common.errors import ErrorInterceptor, ShopvisionError
+from services.common.errors import ErrorInterceptor, ShopvisionError, transport_limit
 from services.common.grpc_server import add_health_and_reflection, create_server, serve_until_signalled, set_serving
 from services.preprocess import metrics
 from services.preprocess.config import PreprocessConfig
@@ -29,7 +29,9 @@ def observe(method: str, code: grpc.StatusCode, error: ShopvisionError | None, s
 async def serve(config: PreprocessConfig) -> None:
     cv2.setNumThreads(1)  # parallelism comes from the worker pool, one image per thread
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="decode")
-    server = create_server([ErrorInterceptor(observe)], max_message_bytes=config.max_image_bytes + 64 * 1024)
+    request_limit = config.max_image_bytes + 64 * 1024  # the image plus the other request fields
+    server = create_server([ErrorInterceptor(observe, max_request_bytes=request_limit)],
+                           max_message_bytes=transport_limit(request_limit))
     preprocess_pb2_grpc.add_PreprocessorServicer_to_server(
         PreprocessServicer(executor, config.max_image_bytes, config.max_image_pixels), server)
     health = add_health_and_reflection(server, [SERVICE_NAME])

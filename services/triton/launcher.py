@@ -39,6 +39,16 @@ def library_dir() -> Path:
     return pytriton_root().parents[1] / "nvidia_pytriton.libs"
 
 
+def _install(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` unless an identical copy is there; replace atomically, since a running
+    Triton may be executing the old stub (writing over it in place fails with ETXTBSY)."""
+    if dst.exists() and dst.stat().st_size == src.stat().st_size and dst.read_bytes() == src.read_bytes():
+        return
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
 def prepare_backend_directory(dest: Path) -> Path:
     """Build (or refresh) the backend directory ``dest`` and return it."""
     root = pytriton_root()
@@ -50,12 +60,12 @@ def prepare_backend_directory(dest: Path) -> Path:
     python_dir.mkdir(parents=True, exist_ok=True)
     for item in (root / "backends" / "python").iterdir():
         if item.is_file():
-            shutil.copy2(item, python_dir / item.name)
-    shutil.copy2(stub, python_dir / stub.name)
+            _install(item, python_dir / item.name)
+    _install(stub, python_dir / stub.name)
     for backend in OUR_BACKENDS.iterdir():
         if (backend / "model.py").exists():
             (dest / backend.name).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(backend / "model.py", dest / backend.name / "model.py")
+            _install(backend / "model.py", dest / backend.name / "model.py")
     return dest
 
 
