@@ -45,7 +45,7 @@ class Ports:
     preprocess_metrics: int = 9102
 
     @classmethod
-    def free(cls) -> "Ports":
+    def free(cls) -> Ports:
         return cls(*(free_port() for _ in range(7)))
 
 
@@ -95,8 +95,9 @@ class Stack:
         """Start (or restart) one of ``triton``, ``preprocess``, ``gateway``."""
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            out: IO[bytes] | None = open(self.log_dir / f"{name}.log", "ab")
-            self._logs.append(out)
+            log = open(self.log_dir / f"{name}.log", "ab")
+            self._logs.append(log)
+            out: IO[bytes] | None = log
         else:
             out = None
         proc = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=REPO_ROOT, env=self.env(),
@@ -104,7 +105,7 @@ class Stack:
         self.processes[name] = proc
         return proc
 
-    def start(self, timeout_s: float = 180.0) -> "Stack":
+    def start(self, timeout_s: float = 180.0) -> Stack:
         try:
             for name in ("triton", "preprocess", "gateway"):
                 self.start_service(name)
@@ -194,13 +195,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Run Triton, preprocess and gateway on loopback until Ctrl-C.")
     for name, value in vars(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}-port", type=int, default=value, dest=name,
-                            help=f"(default: %(default)s)")
+                            help="(default: %(default)s)")
     parser.add_argument("--model-repository", type=Path, default=REPO_ROOT / "model_repository",
                         help="Triton model repository (default: %(default)s)")
     parser.add_argument("--log-dir", type=Path, default=None,
                         help="write each service's log to DIR/<service>.log instead of this terminal")
     parser.add_argument("--no-smoke", action="store_true", help="skip classifying a sample photo after start-up")
-    parser.add_argument("--timeout", type=float, default=300.0, help="start-up timeout in seconds (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="start-up timeout in seconds (default: %(default)s)")
     return parser
 
 

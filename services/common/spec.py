@@ -18,7 +18,7 @@ class Spec:
     resize_shorter: int = 0
     background: str = "keep"
 
-    def validate(self) -> "Spec":
+    def validate(self) -> Spec:
         if not (1 <= self.height <= 4096 and 1 <= self.width <= 4096):
             raise InvalidInput(f"spec size {self.height}x{self.width} is outside 1..4096", reason="bad_spec")
         if self.channels not in (1, 3):

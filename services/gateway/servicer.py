@@ -93,8 +93,9 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
         metrics.HOP_SECONDS.labels("triton").observe(inference_s)
 
         return recognition_pb2.ClassifyResponse(
-            predictions=[recognition_pb2.Prediction(label=label, score=score, class_id=class_id)
-                         for score, class_id, label in zip(result.scores, result.class_ids, result.labels)],
+            predictions=[
+                recognition_pb2.Prediction(label=label, score=score, class_id=class_id)
+                for score, class_id, label in zip(result.scores, result.class_ids, result.labels, strict=True)],
             model=model.name,
             model_version=result.model_version,
             request_id=request_id,

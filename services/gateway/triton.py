@@ -17,8 +17,8 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from services.common.errors import DeadlineExceeded, ShopvisionError, Unavailable
-from services.gateway import metrics
 from services.common.spec import Spec
+from services.gateway import metrics
 
 LOG = logging.getLogger(__name__)
 
@@ -122,7 +122,8 @@ class TritonBackend:
             models: dict[str, Model] = {}
             for name, versions in ready.items():
                 try:
-                    config = (await self._client.get_model_config(name, as_json=True, client_timeout=timeout_s))["config"]
+                    reply = await self._client.get_model_config(name, as_json=True, client_timeout=timeout_s)
+                    config = reply["config"]
                 except InferenceServerException as error:
                     raise _to_error(error, f"reading config of {name}") from None
                 if config.get("parameters", {}).get("shopvision.public", {}).get("string_value") != "true":
@@ -154,7 +155,7 @@ class TritonBackend:
         pixels = np.zeros((1, model.spec.height, model.spec.width, model.spec.channels), dtype=np.uint8)
         result = await self._infer(model.name, pixels, model.num_classes, timeout_s, request_id="labels")
         _, ids, labels = parse_classification(result.as_numpy(OUTPUT)[0])
-        by_id = dict(zip(ids, labels))
+        by_id = dict(zip(ids, labels, strict=True))
         return [by_id.get(i, str(i)) for i in range(model.num_classes)]
 
     async def _infer(self, name: str, pixels: np.ndarray, top_k: int, timeout_s: float, request_id: str):

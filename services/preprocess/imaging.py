@@ -15,6 +15,7 @@ from services.common.errors import InvalidInput
 from services.common.spec import Spec
 from services.preprocess.formats import ImageHeader, check_complete, read_header
 
+
 @dataclass(frozen=True)
 class Result:
     pixels: np.ndarray  # uint8, (height, width, channels)
@@ -71,7 +72,8 @@ def _to_rgb8(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint16:
         image = (image >> 8).astype(np.uint8)
     elif image.dtype != np.uint8:
-        image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+        low, high = float(image.min()), float(image.max())
+        image = ((image - low) * (255.0 / max(high - low, 1e-12))).astype(np.uint8)
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     if image.shape[2] == 4:
@@ -153,5 +155,5 @@ def _object_crop(image: np.ndarray, spec: Spec) -> np.ndarray:
     fill = 0 if spec.background == "dark" else int(round(background))
     pad_top, pad_left = (side - h) // 2, (side - w) // 2
     square = cv2.copyMakeBorder(work, pad_top, side - h - pad_top, pad_left, side - w - pad_left,
-                                cv2.BORDER_CONSTANT, value=fill if work.ndim == 2 else (fill, fill, fill))
+                                cv2.BORDER_CONSTANT, value=(fill, fill, fill))
     return _resize(square, spec.width, spec.height)

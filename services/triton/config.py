@@ -1,9 +1,9 @@
 """Settings of the local Triton launcher, from environment variables."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from services.common.config import env_int, env_str
 
@@ -23,11 +23,12 @@ class TritonConfig:
     load_models: tuple[str, ...]
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "TritonConfig":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> TritonConfig:
         load = env_str("TRITON_LOAD_MODELS", "*", env)
         return cls(
             model_repository=Path(env_str("TRITON_MODEL_REPOSITORY", str(REPO_ROOT / "model_repository"), env)),
-            backend_directory=Path(env_str("TRITON_BACKEND_DIRECTORY", str(REPO_ROOT / ".cache" / "triton-backends"), env)),
+            backend_directory=Path(
+                env_str("TRITON_BACKEND_DIRECTORY", str(REPO_ROOT / ".cache" / "triton-backends"), env)),
             host=env_str("TRITON_HOST", "127.0.0.1", env),
             http_port=env_int("TRITON_HTTP_PORT", 8000, env, minimum=1),
             grpc_port=env_int("TRITON_GRPC_PORT", 8001, env, minimum=1),

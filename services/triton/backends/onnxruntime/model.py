@@ -48,15 +48,12 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> list:
         # Concatenate every request of the dynamic batch along axis 0, run once, split back.
-        arrays = {name: [] for name in self.input_names}
+        arrays: dict[str, list[np.ndarray]] = {name: [] for name in self.input_names}
         sizes = []
         for request in requests:
-            first = None
             for name in self.input_names:
-                array = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
-                arrays[name].append(array)
-                first = array if first is None else first
-            sizes.append(first.shape[0])
+                arrays[name].append(pb_utils.get_input_tensor_by_name(request, name).as_numpy())
+            sizes.append(arrays[self.input_names[0]][-1].shape[0])
         feed = {name: np.concatenate(parts) if len(parts) > 1 else parts[0] for name, parts in arrays.items()}
         outputs = self.session.run(self.output_names, feed)
         responses = []
@@ -64,7 +61,7 @@ class TritonPythonModel:
         for size in sizes:
             tensors = [
                 pb_utils.Tensor(name, np.ascontiguousarray(out[start:start + size]))
-                for name, out in zip(self.output_names, outputs)
+                for name, out in zip(self.output_names, outputs, strict=True)
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
