@@ -198,8 +198,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                             help="(default: %(default)s)")
     parser.add_argument("--model-repository", type=Path, default=REPO_ROOT / "model_repository",
                         help="Triton model repository (default: %(default)s)")
-    parser.add_argument("--log-dir", type=Path, default=None,
-                        help="write each service's log to DIR/<service>.log instead of this terminal")
+    parser.add_argument("--log-dir", default=str(REPO_ROOT / ".cache" / "logs"),
+                        help="write each service's JSON log to DIR/<service>.log; '-' prints them here instead "
+                             "(default: %(default)s)")
     parser.add_argument("--no-smoke", action="store_true", help="skip classifying a sample photo after start-up")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="start-up timeout in seconds (default: %(default)s)")
@@ -209,7 +210,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ports = Ports(**{name: getattr(args, name) for name in vars(Ports())})
-    stack = Stack(ports=ports, model_repository=args.model_repository, log_dir=args.log_dir)
+    log_dir = None if args.log_dir == "-" else Path(args.log_dir)
+    stack = Stack(ports=ports, model_repository=args.model_repository, log_dir=log_dir)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         LOG.info("starting Triton, preprocess and gateway ...")
@@ -219,7 +221,8 @@ def main(args: argparse.Namespace) -> None:
               f"  preprocess  grpc://{stack.preprocess_address}\n"
               f"  triton      http://127.0.0.1:{ports.triton_http}  grpc://{stack.triton_grpc_address}\n"
               f"  metrics     http://127.0.0.1:{ports.gateway_metrics}/metrics  "
-              f"http://127.0.0.1:{ports.preprocess_metrics}/metrics  http://127.0.0.1:{ports.triton_metrics}/metrics\n",
+              f"http://127.0.0.1:{ports.preprocess_metrics}/metrics  http://127.0.0.1:{ports.triton_metrics}/metrics\n"
+              + (f"  logs        {log_dir}/{{triton,preprocess,gateway}}.log\n" if log_dir else ""),
               flush=True)
         if not args.no_smoke:
             print("smoke check: " + smoke_check(stack.gateway_address, sample_photo()), flush=True)
