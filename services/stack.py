@@ -194,8 +194,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     defaults = Ports()
     parser = argparse.ArgumentParser(description="Run Triton, preprocess and gateway on loopback until Ctrl-C.")
     for name, value in vars(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}-port", type=int, default=value, dest=name,
-                            help="(default: %(default)s)")
+        parser.add_argument(f"--{name.replace('_', '-')}-port", type=int, default=value, dest=name, metavar="PORT",
+                            help=f"{name.replace('_', ' ')} port (default: %(default)s)")
     parser.add_argument("--model-repository", type=Path, default=REPO_ROOT / "model_repository",
                         help="Triton model repository (default: %(default)s)")
     parser.add_argument("--log-dir", default=str(REPO_ROOT / ".cache" / "logs"),
