@@ -111,7 +111,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 self._observe(method, error.code, error, time.perf_counter() - start)
                 LOG.info("%s failed: %s %s", method, error.code.name, error.message,
                          extra={"fields": {"code": error.code.name, "reason": error.reason}})
-                await context.abort(error.code, error.message, trailing_metadata=((REASON_KEY, error.reason),))
+                trailing = (*(context.trailing_metadata() or ()), (REASON_KEY, error.reason))
+                await context.abort(error.code, error.message, trailing_metadata=trailing)
             except grpc.aio.AbortError:
                 self._observe(method, context.code() or grpc.StatusCode.UNKNOWN, None, time.perf_counter() - start)
                 raise

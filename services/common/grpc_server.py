@@ -35,10 +35,16 @@ def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[s
     return health_servicer
 
 
+# Health entry that stays SERVING while the process runs: the Kubernetes liveness probe asks for it, so a
+# missing upstream (which turns "" NOT_SERVING) makes a pod unready but never gets it restarted.
+LIVENESS_SERVICE = "liveness"
+
+
 async def set_serving(health_servicer: health.HealthServicer, service_names: Iterable[str], serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", *service_names):
         await health_servicer.set(name, status)
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
 
 async def serve_until_signalled(server: grpc.aio.Server, grace_s: float, on_stop=None) -> None:

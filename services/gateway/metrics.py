@@ -20,3 +20,11 @@ UPSTREAM_ERRORS = Counter("shopvision_gateway_upstream_errors_total", "Failed ca
 SHED = Counter("shopvision_gateway_shed_total", "Requests refused with RESOURCE_EXHAUSTED because the gateway was full")
 UPSTREAM_UP = Gauge("shopvision_gateway_upstream_up", "1 when the downstream service answers its health check",
                     ["upstream"])
+# Reliability and security (services/gateway/retry.py, services/gateway/security.py).
+RETRIES = Counter("shopvision_gateway_retries_total",
+                  "Retry decisions for idempotent downstream calls: retried, or why not (budget, window, attempts)",
+                  ["upstream", "outcome"])
+RATE_LIMITED = Counter("shopvision_gateway_rate_limited_total",
+                       "Requests refused with RESOURCE_EXHAUSTED because their caller was over its rate limit")
+AUTH_FAILURES = Counter("shopvision_gateway_auth_failures_total",
+                        "Requests refused with UNAUTHENTICATED (missing or unknown bearer token)")

@@ -111,6 +111,7 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
         request_id = request_id_of(context)
         request_id_var.set(request_id)
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         deadline = self._deadline(context)
         self._gate.acquire()
         try:
@@ -129,6 +130,7 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
         request_id = request_id_of(context)
         request_id_var.set(request_id)
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         count = len(request.requests)
         if count == 0:
             raise InvalidInput("requests is empty", reason="empty")

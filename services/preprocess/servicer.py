@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -9,9 +10,11 @@ from shopvision.v1 import preprocess_pb2, preprocess_pb2_grpc
 
 from services.common.errors import InvalidInput
 from services.common.logging import request_id_var
-from services.preprocess import metrics
 from services.common.spec import Spec
+from services.preprocess import metrics
 from services.preprocess.imaging import preprocess
+
+LOG = logging.getLogger(__name__)
 
 
 def spec_from_message(message: preprocess_pb2.ImageSpec) -> Spec:
@@ -51,6 +54,8 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessorServicer):
             metrics.DECODE_SECONDS.labels(result.header.format).observe(result.decode_s)
             metrics.TRANSFORM_SECONDS.observe(result.transform_s)
             h, w, c = result.pixels.shape
+            LOG.debug("preprocessed", extra={"fields": {
+                "format": result.header.format, "bytes": size, "decode_ms": round(result.decode_s * 1e3, 2)}})
             return preprocess_pb2.PreprocessResponse(
                 pixels=result.pixels.tobytes(), height=h, width=w, channels=c,
                 format=result.header.format,
