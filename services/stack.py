@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.supervisor import Backoff, Supervisor
 
 LOG = logging.getLogger("stack")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -131,10 +134,24 @@ class Stack:
                 return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
+    @property
+    def gateway_tls(self) -> bool:
+        return bool(self.env().get("GATEWAY_TLS_CERT"))
+
+    def gateway_ready(self) -> bool:
+        """Health over plaintext; with TLS on (perhaps mutual) only whether the port accepts connections."""
+        if not self.gateway_tls:
+            return self.grpc_serving(self.gateway_address)
+        try:
+            socket.create_connection(("127.0.0.1", self.ports.gateway), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
     def wait_ready(self, timeout_s: float = 180.0) -> None:
         checks = {"triton": self.triton_ready,
                   "preprocess": lambda: self.grpc_serving(self.preprocess_address),
-                  "gateway": lambda: self.grpc_serving(self.gateway_address)}
+                  "gateway": self.gateway_ready}
         deadline = time.monotonic() + timeout_s
         pending = dict(checks)
         while pending:
@@ -202,8 +219,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="write each service's JSON log to DIR/<service>.log; '-' prints them here instead "
                              "(default: %(default)s)")
     parser.add_argument("--no-smoke", action="store_true", help="skip classifying a sample photo after start-up")
+    parser.add_argument("--restart-backoff", type=float, default=1.0,
+                        help="seconds before restarting a service that exited; doubles per crash up to 30 "
+                             "(default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="start-up timeout in seconds (default: %(default)s)")
+    parser.add_argument("--prometheus", action="store_true",
+                        help="also run Prometheus (Debian package) scraping the stack, with the shopvision rules")
+    parser.add_argument("--prometheus-port", type=int, default=9090, metavar="PORT",
+                        help="Prometheus UI/API port with --prometheus (default: %(default)s)")
     return parser
 
 
@@ -213,6 +237,7 @@ def main(args: argparse.Namespace) -> None:
     log_dir = None if args.log_dir == "-" else Path(args.log_dir)
     stack = Stack(ports=ports, model_repository=args.model_repository, log_dir=log_dir)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    prometheus = None
     try:
         LOG.info("starting Triton, preprocess and gateway ...")
         stack.start(args.timeout)
@@ -224,17 +249,24 @@ def main(args: argparse.Namespace) -> None:
               f"http://127.0.0.1:{ports.preprocess_metrics}/metrics  http://127.0.0.1:{ports.triton_metrics}/metrics\n"
               + (f"  logs        {log_dir}/{{triton,preprocess,gateway}}.log\n" if log_dir else ""),
               flush=True)
-        if not args.no_smoke:
+        if args.prometheus:
+            from services.prometheus_local import LocalPrometheus, scrape_targets
+
+            prometheus = LocalPrometheus(scrape_targets(ports.gateway_metrics, ports.preprocess_metrics,
+                                                        ports.triton_metrics), port=args.prometheus_port,
+                                         interval_s=5.0).start()
+            print(f"  prometheus  {prometheus.url}/graph   (rules: {prometheus.url}/rules, "
+                  f"alerts: {prometheus.url}/alerts)\n", flush=True)
+        if not args.no_smoke and not stack.gateway_tls:
             print("smoke check: " + smoke_check(stack.gateway_address, sample_photo()), flush=True)
         print("serving; press Ctrl-C to stop", flush=True)
-        while True:
-            for name, proc in stack.processes.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with code {proc.returncode}")
-            time.sleep(1)
+        # Heal like a pod: a service that exits is started again with backoff (services/supervisor.py).
+        Supervisor(stack, backoff=Backoff(initial_s=args.restart_backoff)).run(threading.Event())
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
     finally:
+        if prometheus is not None:
+            prometheus.stop()
         stack.stop()
         LOG.info("all services stopped")
 

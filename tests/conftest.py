@@ -1,8 +1,8 @@
 """Shared fixtures: the real stack (Triton from the wheel, preprocess, gateway) on free loopback ports."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import pytest

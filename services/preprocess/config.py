@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from services.common.config import ConfigError, env_float, env_int, env_str
 
@@ -21,7 +21,7 @@ class PreprocessConfig:
     log_level: str
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "PreprocessConfig":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> PreprocessConfig:
         config = cls(
             address=env_str("PREPROCESS_ADDRESS", "127.0.0.1:50052", env),
             metrics_port=env_int("PREPROCESS_METRICS_PORT", 9102, env, minimum=0),

@@ -64,8 +64,23 @@ def check_complete(header: ImageHeader, data: bytes) -> None:
     """Refuse files cut short in transit: decoders would otherwise fill the missing rows with grey."""
     if header.format == "jpeg" and b"\xff\xd9" not in data[-1024:].rstrip(b"\x00\r\n "):
         raise InvalidInput("JPEG is truncated: the end-of-image marker is missing", reason="truncated")
-    if header.format == "png" and b"IEND" not in data[-64:]:
-        raise InvalidInput("PNG is truncated: the IEND chunk is missing", reason="truncated")
+    if header.format == "png":
+        _check_png_chunks(data)
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Every chunk must fit inside the file, up to IEND. OpenCV's PNG reader allocates a chunk's declared
+    length before reading it: without this walk a 700-byte file claiming a 2 GB chunk costs over 1 GB."""
+    pos = 8
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        if length > len(data) - pos - 12:
+            raise InvalidInput(f"PNG is truncated or corrupt: a chunk claims {length:,} bytes, "
+                               f"{len(data) - pos - 12:,} remain", reason="truncated")
+        if data[pos + 4:pos + 8] == b"IEND":
+            return
+        pos += 12 + length
+    raise InvalidInput("PNG is truncated: the IEND chunk is missing", reason="truncated")
 
 
 def _png_size(data: bytes) -> tuple[int, int]:

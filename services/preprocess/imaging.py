@@ -15,6 +15,10 @@ from services.common.errors import InvalidInput
 from services.common.spec import Spec
 from services.preprocess.formats import ImageHeader, check_complete, read_header
 
+MAX_ASPECT_RATIO = 20
+# The object crop is padded to a square before it is resized down; larger crops are shrunk first.
+MAX_SQUARE_SIDE = 2048
+
 
 @dataclass(frozen=True)
 class Result:
@@ -32,12 +36,21 @@ def preprocess(data: bytes, spec: Spec, max_pixels: int) -> Result:
         raise InvalidInput(
             f"image is {header.width}x{header.height} = {header.width * header.height:,} pixels; "
             f"the limit is {max_pixels:,}", reason="too_many_pixels")
+    _check_aspect_ratio(header.width, header.height)
     check_complete(header, data)
     start = time.perf_counter()
     image = decode(data, header, needed=_needed_shorter_side(spec))
+    _check_aspect_ratio(image.shape[1], image.shape[0])  # in case the decoder disagrees with the header
     decoded = time.perf_counter()
     pixels = transform(image, spec)
     return Result(pixels, header, decoded - start, time.perf_counter() - decoded)
+
+
+def _check_aspect_ratio(width: int, height: int) -> None:
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        # Resizing the shorter side of a 1x40000 strip to 256 px would need a 256x10M intermediate image.
+        raise InvalidInput(f"image is {width}x{height}; the aspect ratio is limited to {MAX_ASPECT_RATIO}:1",
+                           reason="bad_aspect_ratio")
 
 
 def _needed_shorter_side(spec: Spec) -> int:
@@ -151,6 +164,10 @@ def _object_crop(image: np.ndarray, spec: Spec) -> np.ndarray:
         top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
         work = work[top:bottom, left:right]
     h, w = work.shape[:2]
+    if max(h, w) > MAX_SQUARE_SIDE:  # bound the padded square (an elongated 50 Mpx image: billions of pixels)
+        factor = MAX_SQUARE_SIDE / max(h, w)
+        work = _resize(work, max(1, round(w * factor)), max(1, round(h * factor)))
+        h, w = work.shape[:2]
     side = int(max(h, w) * 1.08) + 1
     fill = 0 if spec.background == "dark" else int(round(background))
     pad_top, pad_left = (side - h) // 2, (side - w) // 2

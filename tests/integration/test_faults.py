@@ -4,8 +4,8 @@ from __future__ import annotations
 import concurrent.futures
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import pytest
