@@ -1,10 +1,12 @@
 """Gateway settings, from environment variables (read once at start-up)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from services.common.config import ConfigError, env_float, env_int, env_str
+from services.common.config import ConfigError, env_bool, env_float, env_int, env_str
 
 MiB = 1024 * 1024
 
@@ -25,9 +27,12 @@ class GatewayConfig:
     model_refresh_s: float
     grace_s: float
     log_level: str
+    security: SecurityConfig
+    retry: RetryConfig
+    search: SearchConfig
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "GatewayConfig":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayConfig:
         config = cls(
             address=env_str("GATEWAY_ADDRESS", "127.0.0.1:50051", env),
             metrics_port=env_int("GATEWAY_METRICS_PORT", 9101, env, minimum=0),
@@ -43,7 +48,124 @@ class GatewayConfig:
             model_refresh_s=env_float("GATEWAY_MODEL_REFRESH_SECONDS", 10.0, env, minimum=0.1),
             grace_s=env_float("GATEWAY_GRACE_SECONDS", 5.0, env, minimum=0.0),
             log_level=env_str("GATEWAY_LOG_LEVEL", "INFO", env),
+            security=SecurityConfig.from_env(env),
+            retry=RetryConfig.from_env(env),
+            search=SearchConfig.from_env(env),
         )
+        if not config.security.tls_cert and not config.security.allow_plaintext and not is_loopback(config.address):
+            raise ConfigError(f"GATEWAY_ADDRESS={config.address} is not a loopback address: serve TLS "
+                              "(GATEWAY_TLS_CERT, GATEWAY_TLS_KEY) or set GATEWAY_ALLOW_PLAINTEXT=true")
         if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"GATEWAY_LOG_LEVEL={config.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+        return config
+
+
+def is_loopback(address: str) -> bool:
+    """True when ``host:port`` binds only the loopback interface."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _existing_file(name: str, env: Mapping[str, str] | None) -> str:
+    path = env_str(name, "", env)
+    if path and not Path(path).is_file():
+        raise ConfigError(f"{name}={path} is not a readable file")
+    return path
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """TLS / mutual TLS, bearer tokens and per-caller rate limits of the public endpoint (all off by default)."""
+
+    tls_cert: str
+    tls_key: str
+    tls_client_ca: str
+    allow_plaintext: bool
+    auth_token: str = field(repr=False)
+    auth_tokens_file: str
+    rate_limit_per_s: float
+    rate_limit_burst: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SecurityConfig:
+        config = cls(
+            tls_cert=_existing_file("GATEWAY_TLS_CERT", env),
+            tls_key=_existing_file("GATEWAY_TLS_KEY", env),
+            tls_client_ca=_existing_file("GATEWAY_TLS_CLIENT_CA", env),
+            allow_plaintext=env_bool("GATEWAY_ALLOW_PLAINTEXT", False, env),
+            auth_token=env_str("GATEWAY_AUTH_TOKEN", "", env),
+            auth_tokens_file=_existing_file("GATEWAY_AUTH_TOKENS_FILE", env),
+            rate_limit_per_s=env_float("GATEWAY_RATE_LIMIT_PER_SECOND", 0.0, env, minimum=0.0),
+            rate_limit_burst=env_int("GATEWAY_RATE_LIMIT_BURST", 0, env, minimum=0),
+        )
+        if bool(config.tls_cert) != bool(config.tls_key):
+            raise ConfigError("GATEWAY_TLS_CERT and GATEWAY_TLS_KEY must be set together")
+        if config.tls_client_ca and not config.tls_cert:
+            raise ConfigError("GATEWAY_TLS_CLIENT_CA (mutual TLS) needs GATEWAY_TLS_CERT and GATEWAY_TLS_KEY")
+        if config.auth_token and len(config.auth_token) < 16:
+            raise ConfigError("GATEWAY_AUTH_TOKEN must be at least 16 characters")
+        return config
+
+    @property
+    def burst(self) -> int:
+        """Bucket size of the rate limiter: GATEWAY_RATE_LIMIT_BURST, or one second's worth (at least 1)."""
+        return self.rate_limit_burst or max(1, round(self.rate_limit_per_s))
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """Retries of the idempotent preprocess call (see services/gateway/retry.py)."""
+
+    max_attempts: int
+    initial_backoff_s: float
+    window_s: float
+    budget_ratio: float
+    budget_min_per_s: float
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RetryConfig:
+        return cls(
+            max_attempts=env_int("GATEWAY_PREPROCESS_MAX_ATTEMPTS", 3, env, minimum=1),
+            initial_backoff_s=env_float("GATEWAY_RETRY_BACKOFF_SECONDS", 0.05, env, minimum=0.0),
+            window_s=env_float("GATEWAY_RETRY_WINDOW_SECONDS", 3.0, env, minimum=0.0),
+            budget_ratio=env_float("GATEWAY_RETRY_BUDGET_RATIO", 0.2, env, minimum=0.0),
+            budget_min_per_s=env_float("GATEWAY_RETRY_BUDGET_MIN_PER_SECOND", 5.0, env, minimum=0.0),
+        )
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Similar-product search: where the vector index lives and how it searches (see services/gateway/search)."""
+
+    directory: str
+    model: str
+    model_version: str
+    precision: str
+    ef: int
+    exact_below: int
+    max_k: int
+    snapshot_writes: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SearchConfig:
+        config = cls(
+            # Empty: the index lives in memory only and is lost at shutdown.
+            directory=env_str("GATEWAY_SEARCH_DIR", "", env),
+            # Empty: GATEWAY_DEFAULT_MODEL. Its ``embedding`` output is what gets indexed.
+            model=env_str("GATEWAY_SEARCH_MODEL", "", env),
+            # Empty: the version Triton serves when the first product is indexed (then pinned in the index).
+            model_version=env_str("GATEWAY_SEARCH_MODEL_VERSION", "", env),
+            precision=env_str("GATEWAY_SEARCH_PRECISION", "f16", env),
+            ef=env_int("GATEWAY_SEARCH_EF", 64, env, minimum=1),
+            exact_below=env_int("GATEWAY_SEARCH_EXACT_BELOW", 2000, env, minimum=0),
+            max_k=env_int("GATEWAY_SEARCH_MAX_K", 100, env, minimum=1),
+            snapshot_writes=env_int("GATEWAY_SEARCH_SNAPSHOT_WRITES", 5000, env, minimum=1),
+        )
+        if config.precision not in ("f16", "f32"):
+            raise ConfigError(f"GATEWAY_SEARCH_PRECISION={config.precision!r} is not f16 or f32")
         return config

@@ -7,13 +7,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shopvision.v1 import preprocess_pb2, preprocess_pb2_grpc
 
 from services.common.errors import REASON_KEY, DeadlineExceeded, InvalidInput, ShopvisionError, Unavailable
-from services.gateway import metrics
 from services.common.spec import Spec
+from services.gateway import metrics
+from services.gateway.retry import Retrier, RetryWindowElapsed
+
+
+def _code_is(code: grpc.StatusCode):
+    return lambda error: isinstance(error, grpc.aio.AioRpcError) and error.code() == code
 
 
 class PreprocessClient:
-    def __init__(self, address: str, max_message_bytes: int) -> None:
+    def __init__(self, address: str, max_message_bytes: int, retrier: Retrier | None = None) -> None:
         self.address = address
+        self._retrier = retrier
         self._channel = grpc.aio.insecure_channel(address, options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -39,8 +45,23 @@ class PreprocessClient:
         request = preprocess_pb2.PreprocessRequest(image=image, spec=preprocess_pb2.ImageSpec(
             height=spec.height, width=spec.width, channels=spec.channels, crop=spec.crop,
             resize_shorter=spec.resize_shorter, background=spec.background))
+
+        async def attempt(number: int, timeout: float) -> preprocess_pb2.PreprocessResponse:
+            # A retry waits for the connection to come back (a restart) instead of failing at once.
+            return await self._stub.Preprocess(request, timeout=timeout, metadata=[("x-request-id", request_id)],
+                                               wait_for_ready=number > 0)
+
         try:
-            reply = await self._stub.Preprocess(request, timeout=timeout_s, metadata=[("x-request-id", request_id)])
+            if self._retrier is None:
+                reply = await attempt(0, timeout_s)
+            else:
+                reply = await self._retrier.call(attempt, timeout_s,
+                                                 retryable=_code_is(grpc.StatusCode.UNAVAILABLE),
+                                                 is_timeout=_code_is(grpc.StatusCode.DEADLINE_EXCEEDED))
+        except RetryWindowElapsed:
+            metrics.UPSTREAM_ERRORS.labels("preprocess", "UNAVAILABLE").inc()
+            raise Unavailable("preprocess service is unavailable: not back within the retry window",
+                              reason="preprocess") from None
         except grpc.aio.AioRpcError as error:
             raise self._to_error(error) from None
         pixels = np.frombuffer(reply.pixels, dtype=np.uint8).reshape(reply.height, reply.width, reply.channels)

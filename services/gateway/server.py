@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 
 import grpc
 from grpc_health.v1 import health
@@ -16,6 +17,10 @@ from services.gateway import metrics
 from services.gateway.concurrency import AdmissionGate
 from services.gateway.config import GatewayConfig
 from services.gateway.preprocess_client import PreprocessClient
+from services.gateway.retry import Retrier, RetryBudget, RetryPolicy
+from services.gateway.search.service import SimilarSearch
+from services.gateway.search.store import SearchIndexError
+from services.gateway.security import CallerInterceptor, RateLimiter, TokenSet, server_credentials
 from services.gateway.servicer import ProductRecognitionServicer
 from services.gateway.triton import TritonBackend
 
@@ -75,24 +80,56 @@ class HealthTracker:
         await set_serving(self._health, [SERVICE_NAME], False)
 
 
+def preprocess_retrier(config: GatewayConfig) -> Retrier:
+    retry = config.retry
+    policy = RetryPolicy(max_attempts=retry.max_attempts, initial_backoff_s=retry.initial_backoff_s,
+                         window_s=retry.window_s)
+    return Retrier("preprocess", policy, RetryBudget(retry.budget_ratio, retry.budget_min_per_s))
+
+
+def caller_interceptor(config: GatewayConfig) -> CallerInterceptor | None:
+    """Token authentication and per-caller rate limits, when either is configured."""
+    tokens = TokenSet.from_config(config.security)
+    limiter = (RateLimiter(config.security.rate_limit_per_s, config.security.burst)
+               if config.security.rate_limit_per_s > 0 else None)
+    return CallerInterceptor(tokens, limiter) if tokens is not None or limiter is not None else None
+
+
 async def serve(config: GatewayConfig) -> None:
-    preprocess = PreprocessClient(config.preprocess_address, max_message_bytes=config.max_image_bytes + 64 * 1024)
+    preprocess = PreprocessClient(config.preprocess_address, max_message_bytes=config.max_image_bytes + 64 * 1024,
+                                  retrier=preprocess_retrier(config))
     triton = TritonBackend(config.triton_address)
+    try:
+        search = SimilarSearch.open(config.search, config.default_model, preprocess, triton, config.max_image_bytes)
+    except SearchIndexError as error:
+        LOG.critical("cannot open the search index: %s", error)
+        sys.exit(f"gateway: cannot open the search index: {error}")
     request_limit = config.max_image_bytes + 64 * 1024  # the image plus the other request fields
-    server = create_server([ErrorInterceptor(observe, max_request_bytes=request_limit)],
-                           max_message_bytes=transport_limit(request_limit))
+    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(observe, max_request_bytes=request_limit)]
+    caller_control = caller_interceptor(config)
+    if caller_control is not None:
+        interceptors.append(caller_control)  # inside the ErrorInterceptor: its refusals are mapped and counted
+    server = create_server(interceptors, max_message_bytes=transport_limit(request_limit))
     recognition_pb2_grpc.add_ProductRecognitionServicer_to_server(
-        ProductRecognitionServicer(config, preprocess, triton, AdmissionGate(config.max_in_flight)), server)
+        ProductRecognitionServicer(config, preprocess, triton, AdmissionGate(config.max_in_flight), search), server)
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
     await set_serving(health_servicer, [SERVICE_NAME], False)
-    server.add_insecure_port(config.address)
+    credentials = server_credentials(config.security)
+    if credentials is None:
+        server.add_insecure_port(config.address)
+    else:
+        server.add_secure_port(config.address, credentials)
     if config.metrics_port:
         host = config.address.rpartition(":")[0].strip("[]") or "127.0.0.1"
         start_http_server(config.metrics_port, addr=host)
     tracker = HealthTracker(config, health_servicer, preprocess, triton)
     await server.start()
     LOG.info("gateway serving on %s (preprocess %s, Triton %s, metrics :%d/metrics)",
-             config.address, config.preprocess_address, config.triton_address, config.metrics_port)
+             config.address, config.preprocess_address, config.triton_address, config.metrics_port,
+             extra={"fields": {"tls": "mutual" if config.security.tls_client_ca else
+                               "on" if credentials is not None else "off",
+                               "token_auth": caller_control is not None and caller_control.authenticates,
+                               "rate_limit_per_s": config.security.rate_limit_per_s}})
     health_task = asyncio.create_task(tracker.run())
     try:
         await serve_until_signalled(server, config.grace_s, on_stop=tracker.stop)
@@ -100,5 +137,6 @@ async def serve(config: GatewayConfig) -> None:
         health_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await health_task
+        await search.close()
         await preprocess.close()
         await triton.close()

@@ -15,6 +15,7 @@ from services.gateway import metrics
 from services.gateway.concurrency import AdmissionGate
 from services.gateway.config import GatewayConfig
 from services.gateway.preprocess_client import PreprocessClient
+from services.gateway.search.service import SimilarSearch
 from services.gateway.triton import Model, TritonBackend
 
 LOG = logging.getLogger(__name__)
@@ -30,11 +31,12 @@ def request_id_of(context: grpc.aio.ServicerContext) -> str:
 
 class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer):
     def __init__(self, config: GatewayConfig, preprocess: PreprocessClient, triton: TritonBackend,
-                 gate: AdmissionGate) -> None:
+                 gate: AdmissionGate, search: SimilarSearch | None = None) -> None:
         self._config = config
         self._preprocess = preprocess
         self._triton = triton
         self._gate = gate
+        self._search = search
 
     # -- helpers -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -168,3 +170,40 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
                 name=m.name, versions=m.versions, labels=m.labels, input_height=m.spec.height,
                 input_width=m.spec.width, input_channels=m.spec.channels, is_default=m.name == default)
                 for m in sorted(self._triton.models.values(), key=lambda m: m.name)])
+
+    # -- similar-product search (the work is in services/gateway/search/service.py) ------------------------------
+    def _similar(self) -> SimilarSearch:
+        if self._search is None:
+            raise Unavailable("similar-product search is not enabled on this gateway", reason="search_disabled")
+        return self._search
+
+    async def _start_call(self, context: grpc.aio.ServicerContext) -> str:
+        request_id = request_id_of(context)
+        request_id_var.set(request_id)
+        await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+        return request_id
+
+    async def SearchSimilar(self, request: recognition_pb2.SearchSimilarRequest,
+                            context: grpc.aio.ServicerContext) -> recognition_pb2.SearchSimilarResponse:
+        request_id = await self._start_call(context)
+        search, deadline = self._similar(), self._deadline(context)
+        self._gate.acquire()
+        try:
+            return await search.search(request, deadline, request_id)
+        finally:
+            self._gate.release()
+
+    async def IndexProduct(self, request: recognition_pb2.IndexProductRequest,
+                           context: grpc.aio.ServicerContext) -> recognition_pb2.IndexProductResponse:
+        request_id = await self._start_call(context)
+        search, deadline = self._similar(), self._deadline(context)
+        self._gate.acquire()
+        try:
+            return await search.index_product(request, deadline, request_id)
+        finally:
+            self._gate.release()
+
+    async def DeleteProduct(self, request: recognition_pb2.DeleteProductRequest,
+                            context: grpc.aio.ServicerContext) -> recognition_pb2.DeleteProductResponse:
+        await self._start_call(context)
+        return await self._similar().delete(request)

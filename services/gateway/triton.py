@@ -24,6 +24,10 @@ LOG = logging.getLogger(__name__)
 
 INPUT = "image"
 OUTPUT = "probabilities"
+# Triton's error for a request bound to a model version that is being unloaded (a version swap).
+RETIRED_VERSION = "is not at ready state"
+RETIRED_VERSION_RETRIES = 2
+EMBEDDING_OUTPUT = "embedding"
 CHANNEL_ARGS = [
     # Reconnect quickly after Triton restarts; the default backoff grows to two minutes.
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -51,6 +55,16 @@ class Classification:
     scores: list[float]
     class_ids: list[int]
     labels: list[str]
+    model_version: str
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """The ``embedding`` output of one image (as the model gives it) and its top-1 category."""
+
+    vector: np.ndarray
+    label: str
+    score: float
     model_version: str
 
 
@@ -162,14 +176,39 @@ class TritonBackend:
         inputs = [triton_aio.InferInput(INPUT, list(pixels.shape), "UINT8")]
         inputs[0].set_data_from_numpy(pixels)
         outputs = [triton_aio.InferRequestedOutput(OUTPUT, class_count=top_k)]
-        try:
-            return await self._client.infer(name, inputs, outputs=outputs, request_id=request_id,
-                                            client_timeout=timeout_s)
-        except InferenceServerException as error:
-            raise _to_error(error, f"inferring {name}") from None
+        for attempt in range(RETIRED_VERSION_RETRIES + 1):
+            try:
+                return await self._client.infer(name, inputs, outputs=outputs, request_id=request_id,
+                                                client_timeout=timeout_s)
+            except InferenceServerException as error:
+                # While a new version is published, Triton may bind a request to the version it is
+                # retiring ("... version 1 is not at ready state"); sent again, it goes to the new one.
+                if attempt < RETIRED_VERSION_RETRIES and RETIRED_VERSION in str(error.message()):
+                    LOG.info("retrying on %s: %s", name, error.message())
+                    await asyncio.sleep(0.01)
+                    continue
+                raise _to_error(error, f"inferring {name}") from None
+        raise AssertionError("unreachable")
 
     async def classify(self, model: Model, pixels: np.ndarray, top_k: int, timeout_s: float,
                        request_id: str) -> Classification:
         result = await self._infer(model.name, pixels[None], top_k, timeout_s, request_id)
         scores, ids, labels = parse_classification(result.as_numpy(OUTPUT)[0])
         return Classification(scores, ids, labels, result.get_response().model_version)
+
+    async def embed(self, model: Model, pixels: np.ndarray, timeout_s: float, request_id: str,
+                    version: str = "") -> Embedding:
+        """Embedding and top-1 category of one image; ``version`` pins a model version (empty: Triton's choice)."""
+        inputs = [triton_aio.InferInput(INPUT, [1, *pixels.shape], "UINT8")]
+        inputs[0].set_data_from_numpy(pixels[None])
+        outputs = [triton_aio.InferRequestedOutput(EMBEDDING_OUTPUT),
+                   triton_aio.InferRequestedOutput(OUTPUT, class_count=1)]
+        try:
+            result = await self._client.infer(model.name, inputs, model_version=version, outputs=outputs,
+                                              request_id=request_id, client_timeout=timeout_s)
+        except InferenceServerException as error:
+            what = f"embedding with {model.name}" + (f" version {version}" if version else "")
+            raise _to_error(error, what) from None
+        scores, _, labels = parse_classification(result.as_numpy(OUTPUT)[0])
+        return Embedding(result.as_numpy(EMBEDDING_OUTPUT)[0].astype(np.float32), labels[0], scores[0],
+                         result.get_response().model_version)

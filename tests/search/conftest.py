@@ -1,0 +1,36 @@
+"""Fixtures for similar-product search: a Fashion-MNIST catalog, and private gateways on the session stack."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.stack import Stack
+from tests.search.gateways import CATALOG_SIZE, QUERY_COUNT, PrivateGateway
+from tools.catalog import CatalogItem, read_catalog
+
+
+@pytest.fixture
+def private_gateway(stack: Stack, tmp_path: Path) -> Iterator:
+    """Factory: ``private_gateway(search_dir, **env)`` → a not yet started :class:`PrivateGateway`."""
+    made: list[PrivateGateway] = []
+
+    def factory(search_dir: Path | None = None, **env: str) -> PrivateGateway:
+        gateway = PrivateGateway.on(stack, tmp_path / f"gateway-{len(made)}", search_dir, **env)
+        made.append(gateway)
+        return gateway
+
+    yield factory
+    for gateway in made:
+        gateway.stack.stop()
+
+
+@pytest.fixture(scope="session")
+def fashion_catalog() -> list[CatalogItem]:
+    return read_catalog(f"fashion-mnist:train:{CATALOG_SIZE}")
+
+
+@pytest.fixture(scope="session")
+def fashion_queries() -> list[CatalogItem]:
+    return read_catalog(f"fashion-mnist:test:{QUERY_COUNT}")

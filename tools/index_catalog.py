@@ -1,0 +1,131 @@
+"""Index a product catalog for similar-product search through the running gateway (one IndexProduct per image).
+
+    python -m tools.index_catalog SOURCE [--gateway 127.0.0.1:50051] [--concurrency 8]
+
+SOURCE is a folder of images, a CSV manifest or fashion-mnist:SPLIT[:N] (see
+tools/catalog.py). A folder's sub-folder or the manifest's ``category`` column
+becomes the product's category; without one the model's prediction is stored.
+
+Resumable: each indexed product id is appended to the state file, and a rerun
+skips the ids listed there (``--restart`` forgets them). Failures go to
+``<state>.errors.jsonl``; the command exits 1 when any item failed.
+
+After a model version change, re-embed the catalog: start the gateway on an
+empty ``GATEWAY_SEARCH_DIR`` (with ``GATEWAY_SEARCH_MODEL_VERSION`` set to the
+new version) and run this command again with ``--restart``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
+
+from tools.catalog import (
+    CatalogItem,
+    RunStats,
+    add_connection_arguments,
+    call_metadata,
+    open_channel,
+    read_catalog,
+    run_concurrently,
+    with_retries,
+)
+
+LOG = logging.getLogger("index_catalog")
+STATE_DIR = Path(".cache") / "index_catalog"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="image folder, CSV manifest, or fashion-mnist:train[:N] / test[:N]")
+    add_connection_arguments(parser)
+    parser.add_argument("--state", type=Path, default=None,
+                        help=f"resume file of indexed ids (default: {STATE_DIR}/<source>@<gateway>.jsonl)")
+    parser.add_argument("--restart", action="store_true", help="forget the resume file and index everything")
+    parser.add_argument("--predict-category", action="store_true",
+                        help="do not send the catalog's category: store the model's prediction instead")
+    return parser
+
+
+def default_state(source: str, gateway: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{source.rstrip('/')}@{gateway}").strip("_")
+    return STATE_DIR / f"{slug}.jsonl"
+
+
+def read_done(state: Path) -> set[str]:
+    if not state.exists():
+        return set()
+    done = set()
+    for line in state.read_text().splitlines():
+        try:
+            done.add(json.loads(line)["product_id"])
+        except (ValueError, KeyError):
+            continue  # a line torn by an interrupted run: that product is indexed again
+    return done
+
+
+async def index_all(args: argparse.Namespace, items: list[CatalogItem], state: Path) -> tuple[RunStats, int]:
+    state.parent.mkdir(parents=True, exist_ok=True)
+    errors_path = state.with_suffix(".errors.jsonl")
+    metadata = call_metadata(args.token)
+    catalog_size = 0
+    async with open_channel(args.gateway, args.ca_cert) as channel:
+        stub = recognition_pb2_grpc.ProductRecognitionStub(channel)
+        with open(state, "a") as done_file, open(errors_path, "w") as errors_file:
+
+            async def index_one(item: CatalogItem) -> None:
+                nonlocal catalog_size
+                product_metadata = dict(item.metadata)
+                if item.category and not args.predict_category:
+                    product_metadata["category"] = item.category
+                try:
+                    request = recognition_pb2.IndexProductRequest(product_id=item.product_id, image=item.read(),
+                                                                  metadata=product_metadata)
+                    reply = await with_retries(lambda: stub.IndexProduct(request, timeout=args.timeout,
+                                                                         metadata=metadata), args.retries)
+                except Exception as error:
+                    message = error.details() if hasattr(error, "details") else str(error)
+                    code = error.code().name if hasattr(error, "code") else type(error).__name__
+                    errors_file.write(json.dumps({"product_id": item.product_id, "source": item.source,
+                                                  "code": code, "error": message}) + "\n")
+                    errors_file.flush()
+                    raise
+                catalog_size = max(catalog_size, reply.catalog_size)
+                done_file.write(json.dumps({"product_id": item.product_id, "label": reply.label,
+                                            "replaced": reply.replaced,
+                                            "model_version": reply.model_version}) + "\n")
+                done_file.flush()
+
+            stats = await run_concurrently(items, index_one, args.concurrency, "indexing", len(items),
+                                           progress=not args.no_progress)
+    if stats.failed == 0:
+        errors_path.unlink(missing_ok=True)
+    return stats, catalog_size
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    items = read_catalog(args.source, args.limit)
+    state = args.state or default_state(args.source, args.gateway)
+    if args.restart:
+        state.unlink(missing_ok=True)
+    done = read_done(state)
+    todo = [item for item in items if item.product_id not in done]
+    LOG.info("%d products in %s; %d already indexed (resume file %s); %d to index",
+             len(items), args.source, len(items) - len(todo), state, len(todo))
+    stats, catalog_size = asyncio.run(index_all(args, todo, state))
+    LOG.info("indexed %d, failed %d in %.1f s: %.1f images/s; the gateway's catalog holds %s products",
+             stats.done, stats.failed, stats.seconds, stats.per_second, catalog_size or "?")
+    if stats.failed:
+        LOG.error("%d items failed: see %s", stats.failed, state.with_suffix(".errors.jsonl"))
+    return 1 if stats.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
