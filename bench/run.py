@@ -1,0 +1,368 @@
+"""``make bench``: one run, side by side, same model, same images.
+
+    python -m bench [--seconds 6] [--concurrency 1,4,16,32] [--out-doc docs/BENCHMARKS.md]
+
+1. the in-process ONNX Runtime ceiling (the model file, uint8 NHWC batches of 1/8/32, 2 threads);
+2. Triton direct: the preprocessed tensors through ``tritonclient`` to the public ensemble;
+3. the full stack through the gateway (gateway → preprocess → Triton ensemble), JPEG bytes in;
+4. the naive peer (``bench/naive_server.py``): decode + preprocess + ONNX Runtime per request.
+
+Each served system gets a closed-loop concurrency sweep; the stack also gets open-loop
+(fixed-RPS) runs and, with the naive peer, an image-size sweep (640x480 to 4032x3024 JPEGs
+synthesised from real sample photos). Besides latency and throughput every run records the
+CPU time each process spent per image (from ``/proc``) and, for Triton, the average executed
+batch. A private stack is started on free loopback ports and stopped at the end.
+
+Writes ``docs/BENCHMARKS.md`` (the part between its ``bench:results`` markers), plots and
+``results.json`` under ``docs/bench/``, and prints the side-by-side table.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import ceiling as ceiling_mod
+from bench import report
+from bench.images import SIZES, ImageSet, model_spec, synthesize, tensors
+from bench.loadgen import (
+    CallFn,
+    GrpcTarget,
+    classify_payloads_from_bytes,
+    closed_loop,
+    describe,
+    ok_rps,
+    open_loop,
+    summarize,
+)
+from bench.procstat import model_counters, scrape, self_cpu_seconds, session_cpu_seconds
+from bench.targets import NaivePeer, TritonTarget
+from services.stack import REPO_ROOT, Ports, Stack
+
+LOG = logging.getLogger("bench")
+ENSEMBLE = "efficientnet_lite0_imagenet"
+CLASSIFIER = "efficientnet_lite0_imagenet_onnx"
+CALL = "shopvision.v1.ProductRecognition.Classify"
+
+
+@dataclass(frozen=True)
+class Plan:
+    seconds: float
+    size_seconds: float
+    concurrency: tuple[int, ...]
+    size_concurrency: tuple[int, ...]
+    open_loop_fractions: tuple[float, ...]
+    batch_sizes: tuple[int, ...]
+    threads: int
+    warmup: int
+    naive_workers: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Plan:
+        ints = lambda text: tuple(int(x) for x in text.split(",") if x)  # noqa: E731
+        return cls(args.seconds, args.size_seconds, ints(args.concurrency), ints(args.size_concurrency),
+                   tuple(float(x) for x in args.open_loop.split(",") if x), ints(args.batch_sizes), args.threads,
+                   args.warmup, args.naive_workers)
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
+    except OSError:
+        pass
+    import onnxruntime
+
+    return {"nproc": os.cpu_count(), "cpu_model": model, "platform": platform.platform(),
+            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "loadavg_start": os.getloadavg()}
+
+
+class Probe:
+    """CPU seconds per process group and Prometheus counters, before and after a run."""
+
+    def __init__(self, sessions: Mapping[str, int], metrics: Mapping[str, str]) -> None:
+        self.sessions, self.metrics = dict(sessions), dict(metrics)
+
+    def snapshot(self) -> dict[str, Any]:
+        scraped = {}
+        for name, url in self.metrics.items():
+            try:
+                scraped[name] = scrape(url)
+            except OSError:
+                scraped[name] = {}
+        return {"cpu": session_cpu_seconds(self.sessions), "client": self_cpu_seconds(), "metrics": scraped,
+                "t": time.perf_counter()}
+
+    @staticmethod
+    def _delta(after: Mapping[str, float], before: Mapping[str, float], key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    def compare(self, before: dict[str, Any], after: dict[str, Any], ok: int) -> dict[str, Any]:
+        per = max(ok, 1)
+        cpu = {name: (after["cpu"][name] - before["cpu"][name]) * 1e3 / per for name in self.sessions}
+        cpu["client"] = (after["client"] - before["client"]) * 1e3 / per
+        out: dict[str, Any] = {"cpu_ms_per_image": cpu,
+                               "cpu_util": sum(v for k, v in cpu.items()) * per / 1e3 / (after["t"] - before["t"])}
+        if "triton" in self.metrics:
+            b = model_counters(before["metrics"]["triton"], CLASSIFIER)
+            a = model_counters(after["metrics"]["triton"], CLASSIFIER)
+            d = {k: a[k] - b[k] for k in a}
+            out["triton"] = {
+                "avg_batch": d["inferences"] / d["executions"] if d["executions"] else 0.0,
+                "queue_ms": d["queue_us"] / d["requests"] / 1e3 if d["requests"] else 0.0,
+                "compute_ms": d["compute_us"] / d["requests"] / 1e3 if d["requests"] else 0.0,
+            }
+        hops = {}
+        for service, key, label in (("gateway", 'shopvision_gateway_hop_duration_seconds_{}{{hop="preprocess"}}',
+                                     "gateway→preprocess"),
+                                    ("gateway", 'shopvision_gateway_hop_duration_seconds_{}{{hop="triton"}}',
+                                     "gateway→triton"),
+                                    ("preprocess", 'shopvision_preprocess_decode_duration_seconds_{}{{format="jpeg"}}',
+                                     "decode"),
+                                    ("preprocess", "shopvision_preprocess_transform_duration_seconds_{}", "transform")):
+            if service not in self.metrics:
+                continue
+            b, a = before["metrics"][service], after["metrics"][service]
+            count = self._delta(a, b, key.format("count"))
+            if count:
+                hops[label] = self._delta(a, b, key.format("sum")) / count * 1e3
+        if hops:
+            out["hops_ms"] = hops
+        return out
+
+
+async def measured(system: str, target: CallFn, probe: Probe, *, concurrency: int = 0, rps: float = 0.0,
+                   seconds: float, warmup: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One bounded run (closed loop at ``concurrency`` or open loop at ``rps``) with its CPU and hop costs."""
+    if warmup:
+        await closed_loop(target, max(1, min(concurrency or 4, warmup)), total=warmup, timeout_s=30)
+    before = probe.snapshot()
+    if rps:
+        run = await open_loop(target, rps, total=None, duration_s=seconds, timeout_s=30, max_in_flight=256)
+    else:
+        run = await closed_loop(target, concurrency, total=None, duration_s=seconds, timeout_s=30)
+    after = probe.snapshot()
+    label = f"{system} " + (f"rps={rps:.0f}" if rps else f"c={concurrency}")
+    summary = summarize(run, label, call=CALL, tags={"system": system, "mode": "open" if rps else "closed"})
+    summary.pop("histogram", None)
+    record = {"system": system, "concurrency": concurrency, "rps_target": rps, "summary": summary,
+              **probe.compare(before, after, summary["statusCodeDistribution"].get("OK", 0)), **(extra or {})}
+    LOG.info("%s  cpu/img %s", describe(summary),
+             " ".join(f"{k}={v:.1f}ms" for k, v in record["cpu_ms_per_image"].items()))
+    return record
+
+
+async def stack_phase(stack: Stack, plan: Plan, images: Mapping[tuple[int, int], ImageSet],
+                      base_tensors: Sequence[np.ndarray]) -> dict[str, Any]:
+    p = stack.ports
+    sessions = {name: proc.pid for name, proc in stack.processes.items()}
+    probe = Probe(sessions, {"triton": f"http://127.0.0.1:{p.triton_metrics}/metrics",
+                             "gateway": f"http://127.0.0.1:{p.gateway_metrics}/metrics",
+                             "preprocess": f"http://127.0.0.1:{p.preprocess_metrics}/metrics"})
+    base = images[SIZES[0]]
+    out: dict[str, Any] = {"triton": [], "stack": [], "stack_open": [], "stack_sizes": []}
+
+    triton = TritonTarget(stack.triton_grpc_address, ENSEMBLE, base_tensors)
+    try:
+        for c in plan.concurrency:
+            out["triton"].append(await measured("triton-direct", triton, probe, concurrency=c,
+                                                seconds=plan.seconds, warmup=plan.warmup))
+    finally:
+        await triton.close()
+
+    async with GrpcTarget(stack.gateway_address, CALL, classify_payloads_from_bytes(base.jpegs)) as gateway:
+        for c in plan.concurrency:
+            out["stack"].append(await measured("stack", gateway, probe, concurrency=c, seconds=plan.seconds,
+                                               warmup=plan.warmup))
+        saturation = max(ok_rps(r["summary"]) for r in out["stack"])
+        for fraction in plan.open_loop_fractions:
+            out["stack_open"].append(await measured("stack", gateway, probe, rps=max(1.0, saturation * fraction),
+                                                    seconds=plan.seconds, warmup=0,
+                                                    extra={"fraction_of_saturation": fraction}))
+    for image_set in images.values():
+        async with GrpcTarget(stack.gateway_address, CALL, classify_payloads_from_bytes(image_set.jpegs)) as target:
+            for c in plan.size_concurrency:
+                out["stack_sizes"].append(await measured(
+                    "stack", target, probe, concurrency=c, seconds=plan.size_seconds, warmup=min(plan.warmup, 4),
+                    extra={"size": image_set.label, "megapixels": image_set.megapixels,
+                           "jpeg_kib": image_set.mean_bytes / 1024}))
+    return out
+
+
+TUNED_DESCRIPTION = "ONNX model with instance_group count 2 and intra_op_thread_count 1 (config.pbtxt only)"
+
+
+def tuned_repository(source: Path, work: Path) -> Path | None:
+    """A copy of ``source`` with the proposed Triton config for the classifier (None if it no longer applies)."""
+    import re
+    import shutil
+
+    target = work / "repo-tuned"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+    config = target / CLASSIFIER / "config.pbtxt"
+    text = config.read_text()
+    edited = re.sub(r'(key: "intra_op_thread_count" value: \{ string_value: )"\d+"', r'\1"1"', text)
+    edited = re.sub(r"count: 1 kind: KIND_CPU", "count: 2 kind: KIND_CPU", edited)
+    if edited == text or 'intra_op_thread_count" value: { string_value: "1"' not in edited \
+            or "count: 2 kind: KIND_CPU" not in edited:
+        LOG.warning("the classifier's config.pbtxt changed shape; skipping the tuned variant")
+        return None
+    config.write_text(edited)
+    return target
+
+
+async def stack_sweep(stack: Stack, plan: Plan, images: ImageSet, system: str) -> list[dict[str, Any]]:
+    """The closed-loop concurrency sweep through the gateway of ``stack``."""
+    p = stack.ports
+    probe = Probe({name: proc.pid for name, proc in stack.processes.items()},
+                  {"triton": f"http://127.0.0.1:{p.triton_metrics}/metrics",
+                   "gateway": f"http://127.0.0.1:{p.gateway_metrics}/metrics",
+                   "preprocess": f"http://127.0.0.1:{p.preprocess_metrics}/metrics"})
+    async with GrpcTarget(stack.gateway_address, CALL, classify_payloads_from_bytes(images.jpegs)) as target:
+        return [await measured(system, target, probe, concurrency=c, seconds=plan.seconds, warmup=plan.warmup)
+                for c in plan.concurrency]
+
+
+async def naive_phase(peer: NaivePeer, plan: Plan, images: Mapping[tuple[int, int], ImageSet]) -> dict[str, Any]:
+    assert peer.process is not None
+    probe = Probe({"naive": peer.process.pid}, {})
+    base = images[SIZES[0]]
+    out: dict[str, Any] = {"naive": [], "naive_sizes": []}
+    async with GrpcTarget(peer.address, CALL, classify_payloads_from_bytes(base.jpegs)) as target:
+        for c in plan.concurrency:
+            out["naive"].append(await measured("naive", target, probe, concurrency=c, seconds=plan.seconds,
+                                               warmup=plan.warmup))
+    for image_set in images.values():
+        async with GrpcTarget(peer.address, CALL, classify_payloads_from_bytes(image_set.jpegs)) as target:
+            for c in plan.size_concurrency:
+                out["naive_sizes"].append(await measured(
+                    "naive", target, probe, concurrency=c, seconds=plan.size_seconds, warmup=min(plan.warmup, 4),
+                    extra={"size": image_set.label, "megapixels": image_set.megapixels,
+                           "jpeg_kib": image_set.mean_bytes / 1024}))
+    return out
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=6.0, help="seconds per sweep point (default: %(default)s)")
+    parser.add_argument("--size-seconds", type=float, default=4.0,
+                        help="seconds per image-size point (default: %(default)s)")
+    parser.add_argument("--concurrency", default="1,4,16,32", help="closed-loop sweep (default: %(default)s)")
+    parser.add_argument("--size-concurrency", default="1,8",
+                        help="concurrency levels of the image-size sweep (default: %(default)s)")
+    parser.add_argument("--open-loop", default="0.5,0.85",
+                        help="open-loop rates as fractions of the stack's best closed-loop rate (default: %(default)s)")
+    parser.add_argument("--batch-sizes", default="1,8,32", help="ceiling batch sizes (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="ceiling intra-op threads (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=16,
+                        help="uncounted requests before each run (default: %(default)s)")
+    parser.add_argument("--naive-workers", type=int, default=4,
+                        help="gRPC worker threads of the naive peer (default: %(default)s)")
+    parser.add_argument("--model-repository", type=Path, default=REPO_ROOT / "model_repository",
+                        help="model repository the private stack serves (default: %(default)s)")
+    parser.add_argument("--stack-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for the stack's services, e.g. PREPROCESS_WORKERS=1 (default: none)")
+    parser.add_argument("--skip", default="",
+                        help="comma list of phases to skip: stack,tuned,naive (default: none)")
+    parser.add_argument("--out-doc", type=Path, default=REPO_ROOT / "docs" / "BENCHMARKS.md",
+                        help="Markdown file whose bench:results section is rewritten (default: %(default)s)")
+    parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "docs" / "bench",
+                        help="plots and results.json (default: %(default)s)")
+    parser.add_argument("--from-results", type=Path, default=None,
+                        help="measure nothing: re-render the Markdown, plots and table from this results.json "
+                             "(default: measure)")
+    parser.add_argument("--log-dir", type=Path, default=REPO_ROOT / ".cache" / "bench" / "logs",
+                        help="service logs of the private stack (default: %(default)s)")
+    return parser
+
+
+def publish(results: dict[str, Any], out_doc: Path, out_dir: Path) -> None:
+    """Write results.json, the plots and the doc's results section; print the side-by-side table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    plots = report.plots(results, out_dir)
+    report.write_section(out_doc, report.markdown(results, plots, out_doc.parent))
+    print(report.table(results), flush=True)
+    LOG.info("wrote %s, %s and %s", out_doc, out_dir / "results.json", ", ".join(str(p) for p in plots))
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.from_results is not None:
+        stored: dict[str, Any] = json.loads(args.from_results.read_text())
+        publish(stored, args.out_doc, args.out_dir)
+        return stored
+    plan = Plan.from_args(args)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    started = time.perf_counter()
+    results: dict[str, Any] = {"meta": machine_info(), "plan": asdict(plan)}
+    results["meta"]["command"] = " ".join(["python -m bench", *(shlex.quote(a) for a in sys.argv[1:])])
+    results["meta"]["stack_env"] = list(args.stack_env)
+
+    LOG.info("synthesising JPEGs %s from %s", ", ".join(f"{w}x{h}" for w, h in SIZES), "sample photos")
+    images = {size: synthesize(*size) for size in SIZES}
+    spec = model_spec(args.model_repository)
+    base_tensors = tensors(images[SIZES[0]], spec)
+    model_file = args.model_repository / CLASSIFIER / "1" / "model.onnx"
+
+    LOG.info("1/4 in-process ONNX Runtime ceiling (ORT's default spinning threads, then with spinning off)")
+    results["ceiling"] = [asdict(r) for spinning in (True, False) for r in ceiling_mod.run(
+        model_file, base_tensors, plan.batch_sizes, plan.threads, plan.seconds * 0.6, spinning=spinning)]
+
+    if "stack" not in skip:
+        LOG.info("2-3/4 private stack on free ports: Triton direct, then the gateway")
+        env = dict(item.split("=", 1) for item in args.stack_env)
+        stack = Stack(ports=Ports.free(), model_repository=args.model_repository, log_dir=args.log_dir,
+                      extra_env=env)
+        stack.start()
+        try:
+            results.update(asyncio.run(stack_phase(stack, plan, images, base_tensors)))
+        finally:
+            stack.stop()
+    tuned_repo = None if "tuned" in skip else tuned_repository(args.model_repository, args.log_dir.parent)
+    if tuned_repo is not None:
+        LOG.info("3b/4 the stack again with the proposed Triton config: %s", TUNED_DESCRIPTION)
+        stack = Stack(ports=Ports.free(), model_repository=tuned_repo, log_dir=args.log_dir / "tuned",
+                      extra_env=dict(item.split("=", 1) for item in args.stack_env))
+        stack.start()
+        try:
+            results["stack_tuned"] = asyncio.run(stack_sweep(stack, plan, images[SIZES[0]], "stack-tuned"))
+        finally:
+            stack.stop()
+        results["meta"]["tuned"] = TUNED_DESCRIPTION
+    if "naive" not in skip:
+        LOG.info("4/4 naive peer")
+        with NaivePeer(workers=args.naive_workers, log_path=args.log_dir / "naive.log") as peer:
+            results.update(asyncio.run(naive_phase(peer, plan, images)))
+
+    LOG.info("ceiling again (drift check)")
+    best_batch = max(results["ceiling"], key=lambda r: r["images_per_s"])["batch"]
+    results["ceiling_after"] = [asdict(r) for r in ceiling_mod.run(model_file, base_tensors, (best_batch,),
+                                                                   plan.threads, plan.seconds * 0.6)]
+    results["meta"]["loadavg_end"] = os.getloadavg()
+    results["meta"]["wall_s"] = time.perf_counter() - started
+
+    publish(results, args.out_doc, args.out_dir)
+    return results
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
