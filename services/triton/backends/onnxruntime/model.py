@@ -34,6 +34,10 @@ class TritonPythonModel:
         options.intra_op_num_threads = _int_parameter(self.config, "intra_op_thread_count", 0)
         options.inter_op_num_threads = _int_parameter(self.config, "inter_op_thread_count", 0)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle ONNX Runtime threads would otherwise spin, stealing CPU from the other model instances and
+        # from the preprocess service on small machines (measured in docs/BENCHMARKS.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
         self.input_names = [i["name"] for i in self.config["input"]]
         self.output_names = [o["name"] for o in self.config["output"]]
