@@ -154,6 +154,7 @@ EVAL_RUN ?= $(TRAIN_RUNS)/fashion/cnn
 PUBLISH_RUN ?= $(TRAIN_RUNS)/fashion/cnn
 PUBLISH_MODEL ?= fashion_cnn
 PUBLISH_TRITON ?= 127.0.0.1:8001
+PUBLISH_ARGS ?=
 .PHONY: train train-smoke train-baseline evaluate publish train-wheels
 
 train: deps venv ## full pipeline: CNN, EfficientNet-Lite0 fine-tune, KD student, INT8, fusion, reports (GPU: TRAIN_DEVICE=cuda)
@@ -173,7 +174,7 @@ evaluate: venv ## test-set + catalog-style report and model card of EVAL_RUN
 
 publish: venv ## PUBLISH_RUN as the next version of PUBLISH_MODEL in model_repository/, loaded by Triton at PUBLISH_TRITON
 	$(PY) -m training.publish --repository model_repository --run-dir $(PUBLISH_RUN) --model $(PUBLISH_MODEL) \
-	  $(if $(PUBLISH_TRITON),--triton $(PUBLISH_TRITON))
+	  $(if $(PUBLISH_TRITON),--triton $(PUBLISH_TRITON)) $(PUBLISH_ARGS)
 
 train-wheels: venv ## wheels a bare GPU machine lacks (Python 3.12) into build/wheels, to carry there
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \

@@ -8,8 +8,8 @@ the pooled features before the classifier head (for similar-product search).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -25,8 +25,13 @@ OUTPUT_NAMES = ("logits", "embedding")
 class UInt8NHWCWrapper(nn.Module):
     """Wraps ``features`` + ``head`` so that the graph starts from uint8 NHWC pixels.
 
-    ``normalize`` maps float pixels in [0, 255] to the network's input range;
-    EfficientNet-Lite uses ``(x - 127) / 128``.
+    ``(x - mean) / std`` maps float pixels in [0, 255] to the network's input range;
+    EfficientNet-Lite uses ``(x - 127) / 128``. Optionally the graph also resizes
+    the image (bilinear) to ``net_size`` and repeats a grayscale channel to
+    ``net_channels``, so a small grayscale input can feed an ImageNet backbone
+    while only the small image travels on the wire. ``stretch_contrast`` scales
+    each image so its brightest pixel is 255 (a product's contrast against its
+    background then no longer depends on its colour or the photo's exposure).
     """
 
     def __init__(
@@ -36,6 +41,9 @@ class UInt8NHWCWrapper(nn.Module):
         mean: float = 127.0,
         std: float = 128.0,
         in_channels: int = 3,
+        net_size: int | None = None,
+        net_channels: int | None = None,
+        stretch_contrast: bool = False,
     ) -> None:
         super().__init__()
         self.features = features
@@ -43,10 +51,20 @@ class UInt8NHWCWrapper(nn.Module):
         self.mean = mean
         self.std = std
         self.in_channels = in_channels
+        self.net_size = net_size
+        self.net_channels = net_channels
+        self.stretch_contrast = stretch_contrast
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = image.permute(0, 3, 1, 2).float()
+        if self.stretch_contrast:
+            x = x * (255.0 / x.amax(dim=(1, 2, 3), keepdim=True).clamp(min=1.0))
+        if self.net_size is not None and tuple(x.shape[2:]) != (self.net_size, self.net_size):
+            x = nn.functional.interpolate(x, size=(self.net_size, self.net_size), mode="bilinear",
+                                          align_corners=False)
         x = (x - self.mean) / self.std
+        if self.net_channels is not None and self.net_channels != self.in_channels:
+            x = x.expand(-1, self.net_channels, -1, -1)
         embedding = self.features(x)
         logits = self.head(embedding)
         return logits, embedding

@@ -152,11 +152,13 @@ def test_triton_serves_the_fetched_repository_with_an_overlay_config(tmp_path: P
     models the Deployment names, and takes <model>/configs/<name>.pbtxt with --model-config-name."""
     classifier = "efficientnet_lite0_imagenet_onnx"
     base = (MODEL_REPOSITORY / classifier / "config.pbtxt").read_text()
-    assert "count: 1 kind: KIND_CPU" in base
+    match = re.search(r"count: (\d+) kind: KIND_CPU", base)
+    assert match, "the classifier's config has no CPU instance group"
     configs = tmp_path / "configs"
     configs.mkdir()
     # A CPU stand-in for the gpu overlay's config (no GPU here): only the instance count differs.
-    (configs / f"{classifier}.pbtxt").write_text(base.replace("count: 1 kind: KIND_CPU", "count: 2 kind: KIND_CPU"))
+    more = f"count: {int(match.group(1)) + 1} kind: KIND_CPU"
+    (configs / f"{classifier}.pbtxt").write_text(base.replace(match.group(0), more))
     assert fetch(tmp_path, MODEL_CONFIG_NAME="k8s", MODEL_CONFIGS_DIR=str(configs)).returncode == 0
     args = container(find(render("gpu"), "Deployment", "triton"))["args"]
     load = [a.split("=", 1)[1] for a in args if a.startswith("--load-model=")]
@@ -186,7 +188,7 @@ def test_triton_serves_the_fetched_repository_with_an_overlay_config(tmp_path: P
             with urllib.request.urlopen(f"{url}/models/{model}/ready", timeout=5) as reply:
                 assert reply.status == 200, model
         with urllib.request.urlopen(f"{url}/models/{classifier}/config", timeout=5) as reply:
-            assert json.load(reply)["instance_group"][0]["count"] == 2
+            assert json.load(reply)["instance_group"][0]["count"] == int(match.group(1)) + 1
     finally:
         server.terminate()
         try:

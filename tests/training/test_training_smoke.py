@@ -1,0 +1,105 @@
+"""CI smoke of the training pipeline: train a few hundred images for one epoch, export, check parity,
+resume, distil, quantize, evaluate. Catches rot in every step; says nothing about accuracy."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from training import evaluate, quantize
+from training.datasets import FASHION_LABELS
+from training.models import load_checkpoint
+
+
+def _run_json(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def test_cnn_smoke_exports_a_checked_onnx_that_matches_pytorch(smoke_runs: dict[str, Path]) -> None:
+    run = _run_json(smoke_runs["cnn"])
+    assert run["train_images"] == 300 and run["val_images"] == 100
+    assert run["onnx_parity_max_abs_diff"] < 1e-4
+    model = onnx.load(str(smoke_runs["cnn"] / "model.onnx"))
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(str(smoke_runs["cnn"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    (image,) = session.get_inputs()
+    assert image.name == "image" and image.type == "tensor(uint8)" and image.shape[1:] == [28, 28, 1]
+    assert [o.name for o in session.get_outputs()] == ["logits", "embedding"]
+    torch_model, _ = load_checkpoint(smoke_runs["cnn"] / "checkpoint.pth")
+    for batch in (1, 5):  # dynamic batch axis
+        pixels = np.random.default_rng(batch).integers(0, 256, (batch, 28, 28, 1), dtype=np.uint8)
+        logits, embedding = session.run(None, {"image": pixels})
+        assert logits.shape == (batch, 10) and embedding.shape == (batch, 64)
+        with torch.no_grad():
+            expected, _ = torch_model(torch.from_numpy(pixels))
+        np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4)
+    assert (smoke_runs["cnn"] / "curves.png").stat().st_size > 1000
+
+
+def test_efficientnet_smoke_freezes_then_unfreezes_with_a_lower_backbone_lr(smoke_runs: dict[str, Path]) -> None:
+    run = _run_json(smoke_runs["effnet"])
+    assert [h["frozen_backbone"] for h in run["history"]] == [True, False]
+    assert run["onnx_parity_max_abs_diff"] < 1e-4
+    checkpoint = torch.load(smoke_runs["effnet"] / "checkpoint.pth", map_location="cpu", weights_only=False)
+    head_group, backbone_group = checkpoint["optimizer"]["param_groups"]
+    assert backbone_group["initial_lr"] == head_group["initial_lr"] * 0.25
+    session = ort.InferenceSession(str(smoke_runs["effnet"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits, embedding = session.run(None, {"image": np.zeros((2, 28, 28, 1), dtype=np.uint8)})
+    assert logits.shape == (2, 10) and embedding.shape == (2, 1280)
+
+
+def test_training_is_seeded_and_resume_continues_the_same_run(tmp_path: Path, train_run) -> None:
+    small = ("--limit-train", "96", "--limit-val", "32", "--no-export", "--epochs", "2")
+    straight = train_run(tmp_path / "straight", *small, "--keep-epoch-checkpoints")
+    again = train_run(tmp_path / "again", *small)
+    assert again["history"][-1]["train_loss"] == straight["history"][-1]["train_loss"]  # seeded
+    resumed = train_run(tmp_path / "resumed", *small, "--resume", str(tmp_path / "straight" / "checkpoint_0.pth"))
+    assert len(resumed["history"]) == 2
+    for a, b in zip(straight["history"], resumed["history"], strict=True):
+        assert (a["train_loss"], a["val_loss"]) == (b["train_loss"], b["val_loss"])
+    final = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=False)["model"]
+    continued = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=False)["model"]
+    for name, tensor in final.items():
+        torch.testing.assert_close(continued[name], tensor)
+
+
+def test_distillation_uses_the_teacher(tmp_path: Path, smoke_runs: dict[str, Path], train_run) -> None:
+    small = ("--limit-train", "64", "--limit-val", "32", "--no-export")
+    plain = train_run(tmp_path / "plain", *small)
+    distilled = train_run(tmp_path / "kd", *small, "--teacher", str(smoke_runs["effnet"] / "checkpoint.pth"),
+                          "--kd-alpha", "0.9")
+    assert distilled["meta"]["teacher"].endswith("checkpoint.pth")
+    assert distilled["history"][0]["train_loss"] != plain["history"][0]["train_loss"]
+
+
+def test_quantize_writes_an_int8_model_and_a_side_by_side_report(tmp_path: Path, smoke_runs: dict[str, Path]) -> None:
+    run_dir = tmp_path / "cnn"
+    shutil.copytree(smoke_runs["cnn"], run_dir)
+    result = quantize.main(quantize.get_args_parser().parse_args(
+        ["--run-dir", str(run_dir), "--calibration-count", "64", "--limit-test", "200", "--rounds", "1",
+         "--seconds", "0.2"]))
+    int8 = onnx.load(str(run_dir / "model.int8.onnx"))
+    assert any(node.op_type == "QuantizeLinear" for node in int8.graph.node)
+    assert result["test_images"] == 200 and result["calibration_images"] == 64
+    assert set(result["speedup"]) == {"batch_1", "batch_64"}
+    assert abs(result["top1_change_pt"]) < 20  # a broken calibration drops to chance
+
+
+def test_evaluate_writes_the_model_card(tmp_path: Path, smoke_runs: dict[str, Path]) -> None:
+    out = tmp_path / "eval"
+    report = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--run-dir", str(smoke_runs["cnn"]), "--output-dir", str(out), "--limit-test", "200",
+         "--catalog-count", "20", "--compare-recipes", "--compare-count", "20", "--no-benchmark"]))
+    assert report["test"]["count"] == 200 and report["catalog"]["count"] == 20
+    assert len(report["test"]["per_class"]) == 10 and len(report["recipes"]) == 6
+    assert sum(map(sum, report["test"]["confusion_matrix"])) == 200
+    card = (out / "MODEL_CARD.md").read_text()
+    for label in FASHION_LABELS:
+        assert f"| {label} |" in card
+    assert "catalog-style photos top-1" in card
+    assert (out / "confusion_test.png").exists() and (out / "confusion_catalog.png").exists()

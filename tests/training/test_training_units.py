@@ -1,0 +1,107 @@
+"""Unit tests of the training package's pure parts: IDX reading, splits, metrics, models, catalog renderer."""
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import confusion_matrix as sk_confusion
+from sklearn.metrics import precision_recall_fscore_support, top_k_accuracy_score
+
+from services.common.spec import Spec
+from services.preprocess.imaging import preprocess
+from training.augment import Augment
+from training.catalog import render
+from training.datasets import fashion_mnist_raw, read_idx, stratified_split, stratified_subset
+from training.metrics import classification_report
+from training.models import build_model, count_macs
+
+FASHION = Spec(28, 28, 1, "object", 0, "dark")
+
+
+def test_read_idx_reads_gzipped_idx(tmp_path: Path) -> None:
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / "x-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">HBB3I", 0, 0x08, 3, 2, 3, 4) + array.tobytes())
+    np.testing.assert_array_equal(read_idx(path), array)
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">HBB3I", 0, 0x08, 3, 2, 3, 5) + array.tobytes())
+    with pytest.raises(ValueError):
+        read_idx(path)
+
+
+def test_stratified_split_is_seeded_disjoint_and_keeps_class_shares() -> None:
+    labels = np.repeat(np.arange(4), [100, 50, 30, 20])
+    train, val = stratified_split(labels, 0.1, seed=3)
+    again_train, again_val = stratified_split(labels, 0.1, seed=3)
+    np.testing.assert_array_equal(val, again_val)
+    np.testing.assert_array_equal(train, again_train)
+    assert not set(train) & set(val) and len(train) + len(val) == len(labels)
+    assert np.bincount(labels[val]).tolist() == [10, 5, 3, 2]
+    assert not np.array_equal(val, stratified_split(labels, 0.1, seed=4)[1])
+    subset = stratified_subset(labels, 40, seed=0)
+    assert len(subset) == 40 and np.bincount(labels[subset]).tolist() == [10, 10, 10, 10]
+
+
+def test_metrics_agree_with_scikit_learn() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, 500)
+    scores = rng.random((500, 6)) + np.eye(6)[labels] * rng.random((500, 1))
+    report = classification_report(scores, labels, [str(i) for i in range(6)])
+    predictions = scores.argmax(1)
+    assert report["top1"] == pytest.approx(float(np.mean(predictions == labels)))
+    assert report["top5"] == pytest.approx(top_k_accuracy_score(labels, scores, k=5))
+    np.testing.assert_array_equal(report["confusion_matrix"], sk_confusion(labels, predictions))
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, zero_division=0)
+    assert [row["f1"] for row in report["per_class"]] == pytest.approx(f1.tolist())
+    assert report["macro_precision"] == pytest.approx(precision.mean())
+    assert report["macro_recall"] == pytest.approx(recall.mean())
+
+
+def test_student_has_at_least_5x_fewer_macs_than_the_teacher() -> None:
+    teacher = build_model("efficientnet_lite0", FASHION, 10, net_size=112, pretrained=False)
+    student = build_model("seed_cnn", FASHION, 10)
+    assert count_macs(teacher, FASHION) >= 5 * count_macs(student, FASHION)
+
+
+def test_contrast_stretch_makes_the_model_exposure_invariant() -> None:
+    model = build_model("seed_cnn", FASHION, 10).eval()
+    image = torch.from_numpy(fashion_mnist_raw("test")[0][:4, :, :, None].copy())
+    dim = (image.float() * 0.4).round().to(torch.uint8)
+    with torch.no_grad():
+        bright, _ = model(image)
+        dimmed, _ = model(dim)
+    torch.testing.assert_close(bright, dimmed, atol=0.05, rtol=0.05)
+
+
+def test_augment_keeps_shape_and_range_and_is_seeded() -> None:
+    images = torch.randint(0, 256, (8, 28, 28, 1), dtype=torch.uint8)
+    augment = Augment(shift_px=2, scale=0.1, hflip=True, gain=0.2)
+    first = augment(images, torch.Generator().manual_seed(1))
+    again = augment(images, torch.Generator().manual_seed(1))
+    assert first.shape == (8, 28, 28, 1) and first.min() >= 0 and first.max() <= 255
+    torch.testing.assert_close(first, again)
+    assert not torch.equal(first, images.float())
+    identity = Augment(0, 0, False, 0)(images)
+    torch.testing.assert_close(identity, images.float())
+
+
+def test_catalog_rendering_is_seeded_light_and_recovered_by_the_object_recipe() -> None:
+    items, _ = fashion_mnist_raw("test")
+    first, again = render(items[0], seed=7), render(items[0], seed=7)
+    assert first.data == again.data and first.data[:2] == b"\xff\xd8"
+    photo = cv2.imdecode(np.frombuffer(first.data, np.uint8), cv2.IMREAD_COLOR)
+    assert photo.shape[:2] == (first.height, first.width) and min(photo.shape[:2]) >= 320
+    border = np.concatenate([photo[0], photo[-1], photo[:, 0], photo[:, -1]])
+    assert np.median(border) > 200  # light background, unlike the training data
+    correlations = []
+    for i in range(20):
+        recovered = preprocess(render(items[i], seed=i).data, FASHION, 1 << 26).pixels[:, :, 0].astype(float)
+        original = items[i].astype(float)
+        correlations.append(np.corrcoef(recovered.ravel(), original.ravel())[0, 1])
+    assert np.median(correlations) > 0.8

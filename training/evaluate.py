@@ -1,0 +1,207 @@
+"""Evaluate an exported model: the held-out test set and catalog-style photos; write the model card.
+
+    python -m training.evaluate --run-dir runs/fashion_cnn
+    python -m training.evaluate --run-dir runs/fashion_cnn --gateway 127.0.0.1:50051 --model-name fashion_cnn
+
+Reports top-1 / top-5, per-class precision / recall / F1, macro averages and
+confusion matrices (PNG) for
+
+* the test set (Fashion-MNIST ``t10k``, or ``--test-data`` for a folder / CSV),
+  after the model's own recipe, as the service would see a 28×28 upload;
+* catalog-style renderings of test items (see :mod:`training.catalog`): colour
+  JPEGs of any size, light background, off-centre. Each goes through the real
+  preprocessing code (``services.preprocess.imaging.preprocess``) with the
+  model's recipe, or, with ``--gateway``, through the real ``Classify`` call;
+* optionally (``--compare-recipes``) the catalog set under other recipes, the
+  measurement the served recipe was chosen from.
+
+Writes ``eval.json``, ``MODEL_CARD.md`` and the plots into ``--output-dir``
+(default: the run directory). The test set is used only here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from services.common.spec import CROPS, Spec
+from services.preprocess.imaging import preprocess
+from training import inference, plots
+from training.catalog import render_set
+from training.datasets import (
+    FASHION_MNIST,
+    MAX_PIXELS,
+    fashion_mnist_raw,
+    load_dataset,
+    source_labels,
+    stratified_subset,
+)
+from training.metrics import classification_report, softmax
+from training.model_card import write_model_card
+from training.recipe import spec_from_dict
+
+LOG = logging.getLogger("evaluate")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", type=Path, required=True, help="output directory of training.train")
+    parser.add_argument("--model-file", default="model.onnx",
+                        help="ONNX file inside the run directory (default: %(default)s)")
+    parser.add_argument("--output-dir", type=Path, default=None, help="(default: the run directory)")
+    parser.add_argument("--name", default="", help="model name shown in the card (default: the run directory's)")
+    parser.add_argument("--test-data", default="",
+                        help="test set for folder / CSV runs (default: the Fashion-MNIST test set)")
+    parser.add_argument("--limit-test", type=int, default=0, help="use N test images; 0 = all (default: %(default)s)")
+    parser.add_argument("--catalog-count", type=int, default=2000,
+                        help="catalog-style photos to render from test items; 0 = none (default: %(default)s)")
+    parser.add_argument("--catalog-seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument("--compare-recipes", action="store_true",
+                        help="also score catalog photos under every crop × background recipe")
+    parser.add_argument("--compare-count", type=int, default=1000,
+                        help="catalog photos used by --compare-recipes (default: %(default)s)")
+    parser.add_argument("--gateway", default="",
+                        help="gateway address: send every image through the real Classify call (default: in-process)")
+    parser.add_argument("--model-name", default="", help="served model name for --gateway")
+    parser.add_argument("--concurrency", type=int, default=8, help="in-flight Classify calls (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (default: %(default)s)")
+    parser.add_argument("--no-benchmark", action="store_true", help="skip the CPU throughput measurement")
+    return parser
+
+
+def load_run(run_dir: Path) -> dict:
+    path = run_dir / "run.json"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: is {run_dir} a training.train output directory?")
+    return json.loads(path.read_text())
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".png", pixels)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return data.tobytes()
+
+
+def preprocess_all(photos: list[bytes], spec: Spec) -> np.ndarray:
+    """Each photo through the preprocess service's own code, as an upload would go."""
+    return np.stack([preprocess(data, spec, MAX_PIXELS).pixels for data in photos])
+
+
+def classify_all(address: str, model: str, photos: list[bytes], num_classes: int, concurrency: int) -> np.ndarray:
+    """Scores (N, classes) from the real Classify call; classes outside the returned top-k score 0."""
+    import grpc
+    from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
+
+    scores = np.zeros((len(photos), num_classes), dtype=np.float32)
+    with grpc.insecure_channel(address) as channel:
+        stub = recognition_pb2_grpc.ProductRecognitionStub(channel)
+
+        def one(i: int) -> None:
+            reply = stub.Classify(recognition_pb2.ClassifyRequest(image=photos[i], model=model,
+                                                                  top_k=min(5, num_classes)), timeout=60)
+            for p in reply.predictions:
+                scores[i, p.class_id] = p.score
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, range(len(photos))))
+    return scores
+
+
+def main(args: argparse.Namespace) -> dict:
+    cv2.setNumThreads(args.threads)
+    run = load_run(args.run_dir)
+    meta = run["meta"]
+    spec = spec_from_dict(meta["spec"])
+    classes = tuple(meta["classes"])
+    out = args.output_dir or args.run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = args.run_dir / args.model_file
+    sess = inference.session(model_path, args.threads)
+    via = f"Classify via {args.gateway} (model {args.model_name})" if args.gateway else \
+        "in-process: services.preprocess.imaging + ONNX Runtime"
+    report: dict = {"name": args.name or args.run_dir.name, "model_file": args.model_file, "via": via,
+                    "recipe": meta["spec"], "classes": list(classes)}
+
+    test_source = args.test_data or meta.get("data", FASHION_MNIST)
+    if test_source == FASHION_MNIST:
+        raw, labels = fashion_mnist_raw("test")
+        pick = stratified_subset(labels, args.limit_test, 0)
+        raw, labels = raw[pick], labels[pick]
+        if args.gateway:
+            scores = classify_all(args.gateway, args.model_name, [encode_png(x) for x in raw], len(classes),
+                                  args.concurrency)
+        else:
+            scores = softmax(inference.logits(sess, preprocess_all([encode_png(x) for x in raw], spec)))
+    else:
+        if not args.test_data:
+            raise SystemExit(f"the run trained on {test_source}: give its held-out test set with --test-data")
+        all_labels, _ = source_labels(test_source, "test", classes)
+        dataset = load_dataset(test_source, spec, classes=classes,
+                               indices=stratified_subset(all_labels, args.limit_test, 0))
+        labels = dataset.labels
+        scores = softmax(inference.logits(sess, dataset.images))
+    report["test"] = classification_report(scores, labels, classes)
+    report["test"]["source"] = test_source
+    plots.confusion_matrix(np.array(report["test"]["confusion_matrix"]), classes, out / "confusion_test.png",
+                           f"{report['name']}: test set")
+    LOG.info("test top-1 %.2f%% top-5 %.2f%% (%d images)", 100 * report["test"]["top1"],
+             100 * report["test"]["top5"], len(labels))
+
+    if args.catalog_count and test_source == FASHION_MNIST:
+        raw, labels = fashion_mnist_raw("test")
+        pick = stratified_subset(labels, args.catalog_count, args.catalog_seed)
+        start = time.perf_counter()
+        photos = render_set(raw[pick], args.catalog_seed)
+        photo_bytes = [p.data for p in photos]
+        LOG.info("rendered %d catalog photos in %.1f s", len(photos), time.perf_counter() - start)
+        if args.gateway:
+            scores = classify_all(args.gateway, args.model_name, photo_bytes, len(classes), args.concurrency)
+        else:
+            scores = softmax(inference.logits(sess, preprocess_all(photo_bytes, spec)))
+        report["catalog"] = classification_report(scores, labels[pick], classes)
+        report["catalog"]["seed"] = args.catalog_seed
+        report["catalog"]["jpeg_qualities"] = sorted({p.quality for p in photos})
+        plots.confusion_matrix(np.array(report["catalog"]["confusion_matrix"]), classes,
+                               out / "confusion_catalog.png", f"{report['name']}: catalog-style photos")
+        LOG.info("catalog top-1 %.2f%% (%d photos)", 100 * report["catalog"]["top1"], len(photos))
+        if args.compare_recipes:
+            subset = stratified_subset(labels[pick], args.compare_count, 0)
+            report["recipes"] = []
+            for crop in CROPS:
+                for background in ("keep", "dark"):
+                    variant = replace(spec, crop=crop, background=background)
+                    top1 = classification_report(
+                        softmax(inference.logits(sess, preprocess_all([photo_bytes[i] for i in subset], variant))),
+                        labels[pick][subset], classes)["top1"]
+                    report["recipes"].append({"crop": crop, "background": background, "catalog_top1": top1,
+                                              "served": variant == spec, "photos": len(subset)})
+                    LOG.info("recipe crop=%s background=%s: catalog top-1 %.2f%%", crop, background, 100 * top1)
+
+    if not args.no_benchmark:
+        images = np.zeros((64, spec.height, spec.width, spec.channels), dtype=np.uint8)
+        report["cpu_throughput"] = {
+            "threads": args.threads,
+            "batch_1_img_s": inference.throughput(sess, images, 1, 1.0),
+            "batch_64_img_s": inference.throughput(sess, images, 64, 1.0),
+        }
+    catalog = report.get("catalog")
+    report["markdown"] = [
+        f"Evaluated {via}: test top-1 {100 * report['test']['top1']:.2f} % ({report['test']['count']} images)"
+        + (f", catalog-style photos top-1 {100 * catalog['top1']:.2f} % ({catalog['count']} JPEGs)" if catalog else "")
+        + "."]
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    write_model_card(out, run, report)
+    return report
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main(get_args_parser().parse_args())

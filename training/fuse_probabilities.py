@@ -1,0 +1,36 @@
+"""Triton Python model: weighted mean of several classifiers' softmax probabilities.
+
+Installed by ``python -m training.publish --fuse`` as ``<fused>_combine/1/model.py``.
+Inputs ``logits_0 .. logits_{n-1}`` (same class order), output ``probabilities``;
+the weights come from the config parameter ``weights`` (comma-separated, default equal).
+"""
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        self.inputs = [i["name"] for i in config["input"]]
+        given = config.get("parameters", {}).get("weights", {}).get("string_value", "")
+        weights = [float(w) for w in given.split(",")] if given else [1.0] * len(self.inputs)
+        if len(weights) != len(self.inputs):
+            raise pb_utils.TritonModelException(f"{len(weights)} weights for {len(self.inputs)} inputs")
+        self.weights = np.asarray(weights, dtype=np.float32) / float(sum(weights))
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            fused = sum(
+                weight * _softmax(pb_utils.get_input_tensor_by_name(request, name).as_numpy().astype(np.float32))
+                for weight, name in zip(self.weights, self.inputs, strict=True))
+            responses.append(pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor("probabilities", np.asarray(fused, dtype=np.float32))]))
+        return responses
