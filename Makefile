@@ -51,8 +51,8 @@ test: setup ## run the whole test suite (starts every server it needs)
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 lint: venv protos ## ruff + mypy
-	$(VENV)/bin/ruff check services training tests tools
-	$(VENV)/bin/mypy services training
+	$(VENV)/bin/ruff check services training tests tools bench
+	$(VENV)/bin/mypy services training tools bench
 
 clean: ## remove generated files (keeps .venv)
 	rm -rf gen .cache .pytest_cache $(IMAGENET_MODEL)

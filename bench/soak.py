@@ -40,7 +40,7 @@ def photo_mix() -> list[bytes]:
 
 async def soak(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     payloads = classify_payloads_from_bytes(photo_mix(), top_k=5)
-    windows = []
+    windows: list[dict[str, Any]] = []
     async with GrpcTarget(stack.gateway_address, CALL, payloads, connections=2) as target:
         await closed_loop(target, concurrency=2, total=30)  # warm-up
         elapsed = 0.0

@@ -33,7 +33,8 @@ class PooledFeatures(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(x).mean(dim=(2, 3))
+        features: torch.Tensor = self.net.extract_features(x)  # type: ignore[operator]
+        return features.mean(dim=(2, 3))
 
 
 def load_imagenet_lite0() -> nn.Module:
@@ -69,7 +70,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     net = load_imagenet_lite0()
-    model = UInt8NHWCWrapper(PooledFeatures(net), net._fc, mean=127.0, std=128.0).eval()
+    head = net._fc
+    assert isinstance(head, nn.Module)
+    model = UInt8NHWCWrapper(PooledFeatures(net), head, mean=127.0, std=128.0).eval()
     out = args.repository / CLASSIFIER / str(args.version) / "model.onnx"
     export(model, out, IMAGE_SIZE, IMAGE_SIZE, 3, opset=args.opset)
     labels_path = args.repository / ENSEMBLE / "labels.txt"
