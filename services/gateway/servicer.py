@@ -55,9 +55,13 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
         name = name or self._config.default_model
         model = self._triton.models.get(name)
         if model is None:
-            # A model published a moment ago: look again, at most once a second.
+            # A model published a moment ago: when Triton says it is ready, re-read the models now;
+            # otherwise look again at most once a second (unknown names must not hammer Triton).
             try:
-                await self._triton.refresh_if_older(1.0)
+                if await self._triton.model_ready(name):
+                    await self._triton.refresh()
+                else:
+                    await self._triton.refresh_if_older(1.0)
             except Unavailable:
                 if not self._triton.models:
                     raise

@@ -122,6 +122,13 @@ class TritonBackend:
     def models(self) -> dict[str, Model]:
         return self._models
 
+    async def model_ready(self, name: str, timeout_s: float = 1.0) -> bool:
+        """Whether Triton has some version of ``name`` READY (False when it cannot tell)."""
+        try:
+            return bool(await self._client.is_model_ready(name, client_timeout=timeout_s))
+        except InferenceServerException:
+            return False
+
     async def refresh(self, timeout_s: float = 5.0) -> dict[str, Model]:
         """Re-read which public models and versions are READY (labels fetched once per model)."""
         async with self._refresh_lock:
