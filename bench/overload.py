@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import threading
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,11 +146,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def report_on_private_stack(
+    args: argparse.Namespace, env: dict[str, str],
+    measure_on: Callable[[Stack, argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]],
+) -> dict[str, Any]:
+    """Start a private stack with ``env``, run ``measure_on`` against it, print the JSON report
+    (and write it to ``args.output`` when given), stop the stack."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stack = start_stack(args.log_dir, {"GATEWAY_MAX_IN_FLIGHT": str(args.max_in_flight)})
+    stack = start_stack(args.log_dir, env)
     try:
-        report = asyncio.run(measure(stack, args))
+        report = asyncio.run(measure_on(stack, args))
     finally:
         stack.stop()
     text = json.dumps(report, indent=2)
@@ -157,6 +163,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         args.output.write_text(text + "\n")
     print(text)
     return report
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    return report_on_private_stack(args, {"GATEWAY_MAX_IN_FLIGHT": str(args.max_in_flight)}, measure)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ record the numbers in docs/RELIABILITY.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from typing import Any
 import cv2
 
 from bench.loadgen import GrpcTarget, classify_payloads_from_bytes, closed_loop, describe, summarize
-from bench.overload import CALL, MemorySampler, rss_bytes, start_stack
+from bench.overload import CALL, MemorySampler, report_on_private_stack, rss_bytes
 from services.stack import Stack, sample_photo
 
 LOG = logging.getLogger("soak")
@@ -78,17 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stack = start_stack(args.log_dir, {})
-    try:
-        report = asyncio.run(soak(stack, args))
-    finally:
-        stack.stop()
-    text = json.dumps(report, indent=2)
-    if args.output:
-        args.output.write_text(text + "\n")
-    print(text)
-    return report
+    return report_on_private_stack(args, {}, soak)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import grpc
 
@@ -153,6 +154,15 @@ def call_metadata(token: str) -> tuple[tuple[str, str], ...]:
 
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def record_failure(errors_file: IO[str], item: CatalogItem, error: BaseException) -> None:
+    """Append one JSON line naming the item and the gRPC status (or exception) it failed with."""
+    message = error.details() if hasattr(error, "details") else str(error)
+    code = error.code().name if hasattr(error, "code") else type(error).__name__
+    errors_file.write(json.dumps({"product_id": item.product_id, "source": item.source,
+                                  "code": code, "error": message}) + "\n")
+    errors_file.flush()
 
 
 async def with_retries(call: Callable[[], Awaitable[T]], retries: int) -> T:

@@ -33,6 +33,7 @@ from tools.catalog import (
     call_metadata,
     open_channel,
     read_catalog,
+    record_failure,
     run_concurrently,
     with_retries,
 )
@@ -179,11 +180,7 @@ async def classify_all(args: argparse.Namespace, items: list[CatalogItem]) -> tu
                         reply = await with_retries(lambda: stub.Classify(request, timeout=args.timeout,
                                                                          metadata=metadata), args.retries)
                     except Exception as error:
-                        message = error.details() if hasattr(error, "details") else str(error)
-                        code = error.code().name if hasattr(error, "code") else type(error).__name__
-                        errors_file.write(json.dumps({"product_id": item.product_id, "source": item.source,
-                                                      "code": code, "error": message}) + "\n")
-                        errors_file.flush()
+                        record_failure(errors_file, item, error)
                         raise
                     scores = [p.score for p in reply.predictions]
                     writer.write(item, reply, needs_review(scores, args.threshold, args.margin))

@@ -33,6 +33,7 @@ from tools.catalog import (
     call_metadata,
     open_channel,
     read_catalog,
+    record_failure,
     run_concurrently,
     with_retries,
 )
@@ -90,11 +91,7 @@ async def index_all(args: argparse.Namespace, items: list[CatalogItem], state: P
                     reply = await with_retries(lambda: stub.IndexProduct(request, timeout=args.timeout,
                                                                          metadata=metadata), args.retries)
                 except Exception as error:
-                    message = error.details() if hasattr(error, "details") else str(error)
-                    code = error.code().name if hasattr(error, "code") else type(error).__name__
-                    errors_file.write(json.dumps({"product_id": item.product_id, "source": item.source,
-                                                  "code": code, "error": message}) + "\n")
-                    errors_file.flush()
+                    record_failure(errors_file, item, error)
                     raise
                 catalog_size = max(catalog_size, reply.catalog_size)
                 done_file.write(json.dumps({"product_id": item.product_id, "label": reply.label,
