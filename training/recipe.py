@@ -43,14 +43,8 @@ def spec_from_model_config(config) -> Spec:  # type: ignore[no-untyped-def]
         raise ValueError(f"model {config.name!r}: input {INPUT_NAME!r} must be TYPE_UINT8")
     if len(image.dims) != 3:
         raise ValueError(f"model {config.name!r}: input {INPUT_NAME!r} dims {list(image.dims)} are not [H, W, C]")
-    height, width, channels = (int(d) for d in image.dims)
     params = {key: value.string_value for key, value in config.parameters.items()}
-    return Spec(
-        height=height, width=width, channels=channels,
-        crop=params.get("preprocess.crop", "center"),
-        resize_shorter=int(params.get("preprocess.resize_shorter", "0") or 0),
-        background=params.get("preprocess.background", "keep"),
-    ).validate()
+    return Spec.from_parameters(list(image.dims), params)
 
 
 def read_spec(path: Path) -> Spec:

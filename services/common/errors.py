@@ -137,3 +137,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 def transport_limit(max_request_bytes: int) -> int:
     """gRPC's own receive limit: room above the counted application limit, capped at 256 MiB."""
     return min(2 * max_request_bytes + 1024 * 1024, 256 * 1024 * 1024)
+
+
+def remaining_seconds(deadline: float) -> float:
+    """Seconds left until ``deadline`` (a ``time.monotonic()`` value); DeadlineExceeded once it has passed."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise DeadlineExceeded("the call's deadline passed before the work was done", reason="deadline")
+    return remaining

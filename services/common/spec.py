@@ -18,6 +18,17 @@ class Spec:
     resize_shorter: int = 0
     background: str = "keep"
 
+    @classmethod
+    def from_parameters(cls, dims: tuple[int, ...] | list[int], params: dict[str, str]) -> Spec:
+        """The recipe of a model from its ``image`` input dims ``[H, W, C]`` and its config parameters."""
+        height, width, channels = (int(d) for d in dims)
+        return cls(
+            height=height, width=width, channels=channels,
+            crop=params.get("preprocess.crop", "center"),
+            resize_shorter=int(params.get("preprocess.resize_shorter", "0") or 0),
+            background=params.get("preprocess.background", "keep"),
+        ).validate()
+
     def validate(self) -> Spec:
         if not (1 <= self.height <= 4096 and 1 <= self.width <= 4096):
             raise InvalidInput(f"spec size {self.height}x{self.width} is outside 1..4096", reason="bad_spec")

@@ -9,7 +9,7 @@ import uuid
 import grpc
 from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
 
-from services.common.errors import DeadlineExceeded, InvalidInput, ShopvisionError, Unavailable
+from services.common.errors import InvalidInput, ShopvisionError, Unavailable, remaining_seconds
 from services.common.logging import request_id_var
 from services.gateway import metrics
 from services.gateway.concurrency import AdmissionGate
@@ -39,13 +39,6 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
         self._search = search
 
     # -- helpers -------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _remaining(deadline: float) -> float:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise DeadlineExceeded("the call's deadline passed before the work was done", reason="deadline")
-        return remaining
-
     def _deadline(self, context: grpc.aio.ServicerContext) -> float:
         caller = context.time_remaining()
         budget = self._config.default_timeout_s if caller is None else min(caller, 24 * 3600.0)
@@ -88,13 +81,13 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
                                reason="bad_top_k")
 
         hop = time.perf_counter()
-        pixels, prep = await self._preprocess.preprocess(request.image, model.spec, self._remaining(deadline),
+        pixels, prep = await self._preprocess.preprocess(request.image, model.spec, remaining_seconds(deadline),
                                                          request_id)
         preprocess_s = time.perf_counter() - hop
         metrics.HOP_SECONDS.labels("preprocess").observe(preprocess_s)
 
         hop = time.perf_counter()
-        result = await self._triton.classify(model, pixels, top_k, self._remaining(deadline), request_id)
+        result = await self._triton.classify(model, pixels, top_k, remaining_seconds(deadline), request_id)
         inference_s = time.perf_counter() - hop
         metrics.HOP_SECONDS.labels("triton").observe(inference_s)
 

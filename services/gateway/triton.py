@@ -81,13 +81,7 @@ def spec_from_config(config: dict) -> Spec:
     image_input = next((i for i in config["input"] if i["name"] == INPUT), None)
     if image_input is None:
         raise ValueError(f"model {config['name']} has no input named {INPUT!r}")
-    height, width, channels = (int(d) for d in image_input["dims"])
-    return Spec(
-        height=height, width=width, channels=channels,
-        crop=params.get("preprocess.crop", "center"),
-        resize_shorter=int(params.get("preprocess.resize_shorter", "0") or 0),
-        background=params.get("preprocess.background", "keep"),
-    ).validate()
+    return Spec.from_parameters(image_input["dims"], params)
 
 
 def parse_classification(row: np.ndarray) -> tuple[list[float], list[int], list[str]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from shopvision.v1 import recognition_pb2
 
-from services.common.errors import DeadlineExceeded, InvalidInput, NotFound, Unavailable
+from services.common.errors import InvalidInput, NotFound, Unavailable, remaining_seconds
 from services.gateway import metrics
 from services.gateway.config import SearchConfig
 from services.gateway.preprocess_client import PreprocessClient
@@ -83,13 +83,6 @@ class SimilarSearch:
         await asyncio.to_thread(self.store.close)
 
     # -- embedding -----------------------------------------------------------------------------------------------
-    @staticmethod
-    def _remaining(deadline: float) -> float:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise DeadlineExceeded("the call's deadline passed before the work was done", reason="deadline")
-        return remaining
-
     async def _search_model(self) -> Model:
         model = self._triton.models.get(self.model)
         if model is None:
@@ -108,12 +101,12 @@ class SimilarSearch:
             raise InvalidInput(f"image is {size:,} bytes; the limit is {self._max_image_bytes:,}", reason="too_large")
         model = await self._search_model()
         hop = time.perf_counter()
-        pixels, _ = await self._preprocess.preprocess(image, model.spec, self._remaining(deadline), request_id)
+        pixels, _ = await self._preprocess.preprocess(image, model.spec, remaining_seconds(deadline), request_id)
         metrics.HOP_SECONDS.labels("preprocess").observe(time.perf_counter() - hop)
         binding = self.store.binding
         version = binding.model_version if binding else self._config.model_version
         hop = time.perf_counter()
-        embedding = await self._triton.embed(model, pixels, self._remaining(deadline), request_id, version)
+        embedding = await self._triton.embed(model, pixels, remaining_seconds(deadline), request_id, version)
         metrics.HOP_SECONDS.labels("triton").observe(time.perf_counter() - hop)
         try:
             self.store.check_embedding(embedding.model_version, int(embedding.vector.shape[0]))
