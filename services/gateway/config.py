@@ -119,13 +119,15 @@ class SecurityConfig:
 
 @dataclass(frozen=True)
 class RetryConfig:
-    """Retries of the idempotent preprocess call (see services/gateway/retry.py)."""
+    """Retries of the idempotent downstream calls: preprocess (services/gateway/retry.py) and Triton inference
+    while Triton swaps or drains (services/gateway/triton.py)."""
 
     max_attempts: int
     initial_backoff_s: float
     window_s: float
     budget_ratio: float
     budget_min_per_s: float
+    triton_drain_window_s: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RetryConfig:
@@ -135,6 +137,7 @@ class RetryConfig:
             window_s=env_float("GATEWAY_RETRY_WINDOW_SECONDS", 3.0, env, minimum=0.0),
             budget_ratio=env_float("GATEWAY_RETRY_BUDGET_RATIO", 0.2, env, minimum=0.0),
             budget_min_per_s=env_float("GATEWAY_RETRY_BUDGET_MIN_PER_SECOND", 5.0, env, minimum=0.0),
+            triton_drain_window_s=env_float("GATEWAY_TRITON_DRAIN_WINDOW_SECONDS", 8.0, env, minimum=0.0),
         )
 
 

@@ -22,7 +22,7 @@ from services.gateway.search.service import SimilarSearch
 from services.gateway.search.store import SearchIndexError
 from services.gateway.security import CallerInterceptor, RateLimiter, TokenSet, server_credentials
 from services.gateway.servicer import ProductRecognitionServicer
-from services.gateway.triton import TritonBackend
+from services.gateway.triton import InferRetryPolicy, TritonBackend
 
 LOG = logging.getLogger(__name__)
 SERVICE_NAME = recognition_pb2.DESCRIPTOR.services_by_name["ProductRecognition"].full_name
@@ -87,6 +87,11 @@ def preprocess_retrier(config: GatewayConfig) -> Retrier:
     return Retrier("preprocess", policy, RetryBudget(retry.budget_ratio, retry.budget_min_per_s))
 
 
+def triton_retry_policy(config: GatewayConfig) -> InferRetryPolicy:
+    return InferRetryPolicy(drain_window_s=config.retry.triton_drain_window_s, connect_window_s=config.retry.window_s,
+                            initial_backoff_s=config.retry.initial_backoff_s)
+
+
 def caller_interceptor(config: GatewayConfig) -> CallerInterceptor | None:
     """Token authentication and per-caller rate limits, when either is configured."""
     tokens = TokenSet.from_config(config.security)
@@ -98,7 +103,8 @@ def caller_interceptor(config: GatewayConfig) -> CallerInterceptor | None:
 async def serve(config: GatewayConfig) -> None:
     preprocess = PreprocessClient(config.preprocess_address, max_message_bytes=config.max_image_bytes + 64 * 1024,
                                   retrier=preprocess_retrier(config))
-    triton = TritonBackend(config.triton_address)
+    triton = TritonBackend(config.triton_address, triton_retry_policy(config),
+                           RetryBudget(config.retry.budget_ratio, config.retry.budget_min_per_s))
     try:
         search = SimilarSearch.open(config.search, config.default_model, preprocess, triton, config.max_image_bytes)
     except SearchIndexError as error:

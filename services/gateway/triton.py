@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -19,14 +20,38 @@ from tritonclient.utils import InferenceServerException
 from services.common.errors import DeadlineExceeded, ShopvisionError, Unavailable
 from services.common.spec import Spec
 from services.gateway import metrics
+from services.gateway.retry import RetryBudget
 
 LOG = logging.getLogger(__name__)
 
 INPUT = "image"
 OUTPUT = "probabilities"
 # Triton's error for a request bound to a model version that is being unloaded (a version swap).
-RETIRED_VERSION = "is not at ready state"
-RETIRED_VERSION_RETRIES = 2
+# What a live Triton answers while it swaps a model version or drains before exiting: the same
+# request sent again reaches the new version, or the Triton that replaces this one.
+DRAINING_MARKERS = ("is not at ready state", "Request for unknown model", "Server is stopping",
+                    "stopped accepting new inference requests")
+
+
+def is_draining(error: InferenceServerException) -> bool:
+    return any(marker in str(error.message()) for marker in DRAINING_MARKERS)
+
+
+def is_disconnected(error: InferenceServerException) -> bool:
+    return "UNAVAILABLE" in str(error.status() or "") and not is_draining(error)
+
+
+@dataclass(frozen=True)
+class InferRetryPolicy:
+    """Inference is a pure function of its inputs, so it may be sent again: for up to ``drain_window_s``
+    while Triton says it is swapping or draining, for up to ``connect_window_s`` while it cannot be
+    reached, never past the call's deadline, never on DEADLINE_EXCEEDED (a frozen Triton), and only
+    within the retry budget."""
+
+    drain_window_s: float = 8.0
+    connect_window_s: float = 3.0
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 1.0
 EMBEDDING_OUTPUT = "embedding"
 CHANNEL_ARGS = [
     # Reconnect quickly after Triton restarts; the default backoff grows to two minutes.
@@ -96,8 +121,12 @@ def parse_classification(row: np.ndarray) -> tuple[list[float], list[int], list[
 
 
 class TritonBackend:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, retry: InferRetryPolicy | None = None,
+                 budget: RetryBudget | None = None) -> None:
         self.address = address
+        self._retry = retry or InferRetryPolicy()
+        self._budget = budget or RetryBudget(ratio=0.2, min_per_s=5.0)
+        self._rng = random.Random()
         self._client = triton_aio.InferenceServerClient(address, channel_args=CHANNEL_ARGS)
         self._models: dict[str, Model] = {}
         self._refreshed_at = 0.0
@@ -177,19 +206,39 @@ class TritonBackend:
         inputs = [triton_aio.InferInput(INPUT, list(pixels.shape), "UINT8")]
         inputs[0].set_data_from_numpy(pixels)
         outputs = [triton_aio.InferRequestedOutput(OUTPUT, class_count=top_k)]
-        for attempt in range(RETIRED_VERSION_RETRIES + 1):
+        return await self._infer_with_retries(
+            lambda remaining: self._client.infer(name, inputs, outputs=outputs, request_id=request_id,
+                                                 client_timeout=remaining),
+            timeout_s, f"inferring {name}")
+
+    async def _infer_with_retries(self, call, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
+        """Run ``call(remaining_seconds)``, sending it again as :class:`InferRetryPolicy` allows."""
+        start = time.monotonic()
+        deadline = start + timeout_s
+        self._budget.deposit()
+        retries = 0
+        while True:
             try:
-                return await self._client.infer(name, inputs, outputs=outputs, request_id=request_id,
-                                                client_timeout=timeout_s)
+                return await call(max(deadline - time.monotonic(), 0.001))
             except InferenceServerException as error:
-                # While a new version is published, Triton may bind a request to the version it is
-                # retiring ("... version 1 is not at ready state"); sent again, it goes to the new one.
-                if attempt < RETIRED_VERSION_RETRIES and RETIRED_VERSION in str(error.message()):
-                    LOG.info("retrying on %s: %s", name, error.message())
-                    await asyncio.sleep(0.01)
-                    continue
-                raise _to_error(error, f"inferring {name}") from None
-        raise AssertionError("unreachable")
+                if is_draining(error):
+                    window_end = start + self._retry.drain_window_s
+                elif is_disconnected(error):
+                    window_end = start + self._retry.connect_window_s
+                else:
+                    raise _to_error(error, what) from None
+                retries += 1
+                cap = min(self._retry.max_backoff_s, self._retry.initial_backoff_s * 2 ** (retries - 1))
+                pause = self._rng.uniform(cap / 2, cap)
+                if time.monotonic() + pause >= min(deadline, window_end):
+                    metrics.RETRIES.labels("triton", "window_elapsed").inc()
+                    raise _to_error(error, what) from None
+                if not self._budget.try_spend():
+                    metrics.RETRIES.labels("triton", "budget_exhausted").inc()
+                    raise _to_error(error, what) from None
+                metrics.RETRIES.labels("triton", "retried").inc()
+                LOG.info("retrying %s in %.2f s: %s", what, pause, error.message())
+                await asyncio.sleep(pause)
 
     async def classify(self, model: Model, pixels: np.ndarray, top_k: int, timeout_s: float,
                        request_id: str) -> Classification:
@@ -204,12 +253,11 @@ class TritonBackend:
         inputs[0].set_data_from_numpy(pixels[None])
         outputs = [triton_aio.InferRequestedOutput(EMBEDDING_OUTPUT),
                    triton_aio.InferRequestedOutput(OUTPUT, class_count=1)]
-        try:
-            result = await self._client.infer(model.name, inputs, model_version=version, outputs=outputs,
-                                              request_id=request_id, client_timeout=timeout_s)
-        except InferenceServerException as error:
-            what = f"embedding with {model.name}" + (f" version {version}" if version else "")
-            raise _to_error(error, what) from None
+        what = f"embedding with {model.name}" + (f" version {version}" if version else "")
+        result = await self._infer_with_retries(
+            lambda remaining: self._client.infer(model.name, inputs, model_version=version, outputs=outputs,
+                                                 request_id=request_id, client_timeout=remaining),
+            timeout_s, what)
         scores, _, labels = parse_classification(result.as_numpy(OUTPUT)[0])
         return Embedding(result.as_numpy(EMBEDDING_OUTPUT)[0].astype(np.float32), labels[0], scores[0],
                          result.get_response().model_version)

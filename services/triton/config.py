@@ -5,7 +5,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.config import env_int, env_str
+from services.common.config import env_bool, env_int, env_str
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,6 +21,7 @@ class TritonConfig:
     log_verbose: int
     exit_timeout_s: int
     load_models: tuple[str, ...]
+    reuse_ports: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> TritonConfig:
@@ -36,4 +37,5 @@ class TritonConfig:
             log_verbose=env_int("TRITON_LOG_VERBOSE", 0, env, minimum=0),
             exit_timeout_s=env_int("TRITON_EXIT_TIMEOUT_SECONDS", 10, env, minimum=0),
             load_models=tuple(m.strip() for m in load.split(",") if m.strip()),
+            reuse_ports=env_bool("TRITON_REUSE_PORTS", False, env),
         )

@@ -86,6 +86,10 @@ def command(config: TritonConfig) -> list[str]:
         f"--exit-timeout-secs={config.exit_timeout_s}",
         "--strict-readiness=true",
     ]
+    if config.reuse_ports:
+        # A second Triton on the same HTTP and gRPC ports: how `make run`'s stack restarts Triton without
+        # a gap (the new one serves before the old one drains).
+        args += ["--reuse-grpc-port=true", "--reuse-http-port=true"]
     args += [f"--load-model={name}" for name in config.load_models]
     return args
 

@@ -29,6 +29,7 @@ from tests.metrics_util import scrape, value
 from tests.reliability.processes import Load, Outcome, wait_for
 
 OK, UNAVAILABLE = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE
+RACE_S = 0.05  # a call sent this close before a signal may still be on its way to the server
 GRACE_S = 5.0
 DEFAULT_TIMEOUT_S = 2.0
 RETRY_WINDOW_S = 6.0
@@ -156,12 +157,14 @@ def test_frozen_triton_calls_end_at_their_deadline_without_retries(private_stack
         reply = stub.Classify(recognition_pb2.ClassifyRequest(image=image), timeout=30)
         assert reply.predictions[0].label == "espresso"
     after = scrape(private_stack.ports.gateway_metrics)
-    # One Triton attempt per call: inference is never retried, so a frozen Triton sees no extra load.
+    # One Triton attempt per call: inference is never retried on DEADLINE_EXCEEDED, so a frozen Triton
+    # sees no extra load.
     failed = value(after, "shopvision_gateway_upstream_errors_total", upstream="triton", code="DEADLINE_EXCEEDED") \
         - value(before, "shopvision_gateway_upstream_errors_total", upstream="triton", code="DEADLINE_EXCEEDED")
     assert failed <= 6
-    assert value(after, "shopvision_gateway_retries_total", upstream="preprocess", outcome="retried") == value(
-        before, "shopvision_gateway_retries_total", upstream="preprocess", outcome="retried")
+    for upstream in ("preprocess", "triton"):
+        assert value(after, "shopvision_gateway_retries_total", upstream=upstream, outcome="retried") == value(
+            before, "shopvision_gateway_retries_total", upstream=upstream, outcome="retried")
 
 
 def test_preprocess_sigterm_drains_and_restart_loses_no_accepted_request(private_stack: Stack,
@@ -193,11 +196,16 @@ def test_preprocess_sigterm_drains_and_restart_loses_no_accepted_request(private
 
     assert exit_s < GRACE_S + 1.0
     assert watch.statuses[-1] == NOT_SERVING, watch.statuses  # announced before the server stopped
+    # A call sent in the last 50 ms before the signal may not have reached the server yet: like a later
+    # one it is refused before any handler sees it (UNAVAILABLE, or rarely CANCELLED in the instant the
+    # server stops accepting).
+    racing = [o for o in direct if sent - RACE_S <= o.started <= sent]
     # Calls in flight when the signal arrived were finished, not cut off.
-    in_flight = [o for o in direct if o.started < sent < o.ended]
+    in_flight = [o for o in direct if o.started < sent - RACE_S and o.ended > sent]
     assert in_flight and all(o.code == OK for o in in_flight), summary(in_flight)
+    assert {o.code for o in racing} <= {OK, UNAVAILABLE, grpc.StatusCode.CANCELLED}, summary(racing)
     # Calls that came later were refused without being processed, or served by the new process.
-    assert {o.code for o in direct} <= {OK, UNAVAILABLE}, summary(direct)
+    assert {o.code for o in direct if o not in racing} <= {OK, UNAVAILABLE}, summary(direct)
     # Through the gateway nothing was lost: retries waited for the new process.
     assert all(o.code == OK for o in load.outcomes), summary(load.outcomes)
     assert any(o.started > restarted for o in load.outcomes)
