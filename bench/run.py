@@ -195,50 +195,22 @@ async def stack_phase(stack: Stack, plan: Plan, images: Mapping[tuple[int, int],
             out["stack_open"].append(await measured("stack", gateway, probe, rps=max(1.0, saturation * fraction),
                                                     seconds=plan.seconds, warmup=0,
                                                     extra={"fraction_of_saturation": fraction}))
-    for image_set in images.values():
-        async with GrpcTarget(stack.gateway_address, CALL, classify_payloads_from_bytes(image_set.jpegs)) as target:
-            for c in plan.size_concurrency:
-                out["stack_sizes"].append(await measured(
-                    "stack", target, probe, concurrency=c, seconds=plan.size_seconds, warmup=min(plan.warmup, 4),
-                    extra={"size": image_set.label, "megapixels": image_set.megapixels,
-                           "jpeg_kib": image_set.mean_bytes / 1024}))
+    out["stack_sizes"] = await size_sweep("stack", stack.gateway_address, probe, plan, images)
     return out
 
 
-TUNED_DESCRIPTION = "ONNX model with instance_group count 2 and intra_op_thread_count 1 (config.pbtxt only)"
-
-
-def tuned_repository(source: Path, work: Path) -> Path | None:
-    """A copy of ``source`` with the proposed Triton config for the classifier (None if it no longer applies)."""
-    import re
-    import shutil
-
-    target = work / "repo-tuned"
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-    config = target / CLASSIFIER / "config.pbtxt"
-    text = config.read_text()
-    edited = re.sub(r'(key: "intra_op_thread_count" value: \{ string_value: )"\d+"', r'\1"1"', text)
-    edited = re.sub(r"count: 1 kind: KIND_CPU", "count: 2 kind: KIND_CPU", edited)
-    if edited == text or 'intra_op_thread_count" value: { string_value: "1"' not in edited \
-            or "count: 2 kind: KIND_CPU" not in edited:
-        LOG.warning("the classifier's config.pbtxt changed shape; skipping the tuned variant")
-        return None
-    config.write_text(edited)
-    return target
-
-
-async def stack_sweep(stack: Stack, plan: Plan, images: ImageSet, system: str) -> list[dict[str, Any]]:
-    """The closed-loop concurrency sweep through the gateway of ``stack``."""
-    p = stack.ports
-    probe = Probe({name: proc.pid for name, proc in stack.processes.items()},
-                  {"triton": f"http://127.0.0.1:{p.triton_metrics}/metrics",
-                   "gateway": f"http://127.0.0.1:{p.gateway_metrics}/metrics",
-                   "preprocess": f"http://127.0.0.1:{p.preprocess_metrics}/metrics"})
-    async with GrpcTarget(stack.gateway_address, CALL, classify_payloads_from_bytes(images.jpegs)) as target:
-        return [await measured(system, target, probe, concurrency=c, seconds=plan.seconds, warmup=plan.warmup)
-                for c in plan.concurrency]
+async def size_sweep(system: str, address: str, probe: Probe, plan: Plan,
+                     images: Mapping[tuple[int, int], ImageSet]) -> list[dict[str, Any]]:
+    """Cost versus image size: the same closed-loop points for each synthesised image size."""
+    out = []
+    for image_set in images.values():
+        async with GrpcTarget(address, CALL, classify_payloads_from_bytes(image_set.jpegs)) as target:
+            for c in plan.size_concurrency:
+                out.append(await measured(
+                    system, target, probe, concurrency=c, seconds=plan.size_seconds, warmup=min(plan.warmup, 4),
+                    extra={"size": image_set.label, "megapixels": image_set.megapixels,
+                           "jpeg_kib": image_set.mean_bytes / 1024}))
+    return out
 
 
 async def naive_phase(peer: NaivePeer, plan: Plan, images: Mapping[tuple[int, int], ImageSet]) -> dict[str, Any]:
@@ -250,13 +222,7 @@ async def naive_phase(peer: NaivePeer, plan: Plan, images: Mapping[tuple[int, in
         for c in plan.concurrency:
             out["naive"].append(await measured("naive", target, probe, concurrency=c, seconds=plan.seconds,
                                                warmup=plan.warmup))
-    for image_set in images.values():
-        async with GrpcTarget(peer.address, CALL, classify_payloads_from_bytes(image_set.jpegs)) as target:
-            for c in plan.size_concurrency:
-                out["naive_sizes"].append(await measured(
-                    "naive", target, probe, concurrency=c, seconds=plan.size_seconds, warmup=min(plan.warmup, 4),
-                    extra={"size": image_set.label, "megapixels": image_set.megapixels,
-                           "jpeg_kib": image_set.mean_bytes / 1024}))
+    out["naive_sizes"] = await size_sweep("naive", peer.address, probe, plan, images)
     return out
 
 
@@ -281,7 +247,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stack-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for the stack's services, e.g. PREPROCESS_WORKERS=1 (default: none)")
     parser.add_argument("--skip", default="",
-                        help="comma list of phases to skip: stack,tuned,naive (default: none)")
+                        help="comma list of phases to skip: stack,naive (default: none)")
     parser.add_argument("--out-doc", type=Path, default=REPO_ROOT / "docs" / "BENCHMARKS.md",
                         help="Markdown file whose bench:results section is rewritten (default: %(default)s)")
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "docs" / "bench",
@@ -337,17 +303,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             results.update(asyncio.run(stack_phase(stack, plan, images, base_tensors)))
         finally:
             stack.stop()
-    tuned_repo = None if "tuned" in skip else tuned_repository(args.model_repository, args.log_dir.parent)
-    if tuned_repo is not None:
-        LOG.info("3b/4 the stack again with the proposed Triton config: %s", TUNED_DESCRIPTION)
-        stack = Stack(ports=Ports.free(), model_repository=tuned_repo, log_dir=args.log_dir / "tuned",
-                      extra_env=dict(item.split("=", 1) for item in args.stack_env))
-        stack.start()
-        try:
-            results["stack_tuned"] = asyncio.run(stack_sweep(stack, plan, images[SIZES[0]], "stack-tuned"))
-        finally:
-            stack.stop()
-        results["meta"]["tuned"] = TUNED_DESCRIPTION
     if "naive" not in skip:
         LOG.info("4/4 naive peer")
         with NaivePeer(workers=args.naive_workers, log_path=args.log_dir / "naive.log") as peer:
