@@ -94,6 +94,11 @@ def render(run: dict, report: dict, extras: dict[str, dict] | None = None) -> st
         f"(stratified, seeded split of the training data)",
         f"- data: `{meta.get('data', '')}`; recipe read from `{meta.get('recipe', '')}`",
     ]
+    export = run.get("export")
+    if export:
+        lines.append(f"- exported from run `{export['from_run']}` with `{export['command']}`"
+                     + (" (test-time flip averaging in the graph: the backbone runs on the image and its mirror "
+                        "image, MACs doubled)" if export.get("flip_tta") else ""))
     if meta.get("teacher"):
         lines.append(f"- distilled from teacher `{meta['teacher']}`")
     if history:

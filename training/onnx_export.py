@@ -7,6 +7,7 @@ the pooled features before the classifier head (for similar-product search).
 """
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ import onnx
 import torch
 from torch import nn
 
-LOG = logging.getLogger(__name__)
+LOG = logging.getLogger("onnx_export")
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "embedding")
@@ -32,6 +33,9 @@ class UInt8NHWCWrapper(nn.Module):
     while only the small image travels on the wire. ``stretch_contrast`` scales
     each image so its brightest pixel is 255 (a product's contrast against its
     background then no longer depends on its colour or the photo's exposure).
+    ``flip_tta`` (inference only) averages the pooled features of the image and
+    its mirror image: test-time augmentation inside the graph, at twice the
+    backbone's cost; logits and embedding are then those of the pair.
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class UInt8NHWCWrapper(nn.Module):
         net_size: int | None = None,
         net_channels: int | None = None,
         stretch_contrast: bool = False,
+        flip_tta: bool = False,
     ) -> None:
         super().__init__()
         self.features = features
@@ -54,6 +59,7 @@ class UInt8NHWCWrapper(nn.Module):
         self.net_size = net_size
         self.net_channels = net_channels
         self.stretch_contrast = stretch_contrast
+        self.flip_tta = flip_tta
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = image.permute(0, 3, 1, 2).float()
@@ -66,6 +72,9 @@ class UInt8NHWCWrapper(nn.Module):
         if self.net_channels is not None and self.net_channels != self.in_channels:
             x = x.expand(-1, self.net_channels, -1, -1)
         embedding = self.features(x)
+        if self.flip_tta and not self.training:
+            # The head is linear (dropout is off in eval), so the head of the mean is the mean of the logits.
+            embedding = (embedding + self.features(x.flip(3))) / 2
         logits = self.head(embedding)
         return logits, embedding
 
@@ -118,3 +127,55 @@ def check_parity(model: nn.Module, path: Path, height: int, width: int, channels
     if diff > 1e-3:
         raise RuntimeError(f"ONNX Runtime output differs from PyTorch by {diff:.2e} (> 1e-3)")
     return diff
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__ + """
+Re-export a trained run as a new run directory, e.g. with test-time flip averaging in the graph:
+
+    python -m training.onnx_export --run-dir runs/fashion/effnet --flip-tta --output-run-dir runs/fashion/effnet_flip
+
+The new directory gets ``model.onnx``, the source's ``run.json`` (with an
+``export`` entry saying how it was derived) and its curves, so
+``training.evaluate``, ``training.quantize`` and ``training.publish`` treat it
+like any trained run.
+""", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", type=Path, required=True, help="output directory of training.train")
+    parser.add_argument("--output-run-dir", type=Path, required=True, help="run directory to write")
+    parser.add_argument("--flip-tta", action="store_true",
+                        help="average the features of the image and its mirror image inside the graph")
+    parser.add_argument("--opset", type=int, default=17, help="(default: %(default)s)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict:
+    import json
+    import shlex
+    import shutil
+    import sys
+
+    from training.models import load_checkpoint
+    from training.recipe import spec_from_dict
+
+    model, checkpoint = load_checkpoint(args.run_dir / "checkpoint.pth")
+    model.flip_tta = args.flip_tta
+    spec = spec_from_dict(checkpoint["meta"]["spec"])
+    out: Path = args.output_run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    export(model, out / "model.onnx", spec.height, spec.width, spec.channels, args.opset)
+    run = json.loads((args.run_dir / "run.json").read_text())
+    run["export"] = {"from_run": str(args.run_dir), "flip_tta": args.flip_tta,
+                     "command": "python -m training.onnx_export " + shlex.join(sys.argv[1:]),
+                     "onnx_parity_max_abs_diff": check_parity(model, out / "model.onnx", spec.height, spec.width,
+                                                              spec.channels)}
+    run["meta"]["macs"] *= 2 if args.flip_tta else 1  # the backbone runs twice
+    (out / "run.json").write_text(json.dumps(run, indent=2))
+    if (args.run_dir / "curves.png").exists():
+        shutil.copyfile(args.run_dir / "curves.png", out / "curves.png")
+    LOG.info("wrote %s: %s", out, run["export"])
+    return run["export"]
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main(get_args_parser().parse_args())

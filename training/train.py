@@ -188,9 +188,9 @@ def main(args: argparse.Namespace) -> dict:
                         stretch_contrast=not args.no_contrast_stretch)
     macs = count_macs(model, spec)
     params = sum(p.numel() for p in model.parameters())
-    model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    # channels_last on every device: 2-3x faster EfficientNet training on the 2-core CPU (measured), and the
+    # layout cuDNN prefers on the GPU.
+    model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     backbone = backbone_parameters(model, args.arch)
     backbone_ids = {id(p) for p in backbone}
@@ -211,7 +211,7 @@ def main(args: argparse.Namespace) -> dict:
         if teacher_checkpoint["meta"]["spec"] != spec_to_dict(spec):
             raise SystemExit(f"teacher {args.teacher} was trained on another recipe: "
                              f"{teacher_checkpoint['meta']['spec']} vs {spec_to_dict(spec)}")
-        teacher.to(device).eval()
+        teacher.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
         for p in teacher.parameters():
             p.requires_grad_(False)
 

@@ -79,6 +79,28 @@ def test_contrast_stretch_makes_the_model_exposure_invariant() -> None:
     torch.testing.assert_close(bright, dimmed, atol=0.05, rtol=0.05)
 
 
+def test_flip_tta_makes_the_exported_model_mirror_invariant(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from training.onnx_export import export
+
+    torch.manual_seed(0)
+    model = build_model("seed_cnn", FASHION, 10).eval()
+    image = fashion_mnist_raw("test")[0][:4, :, :, None].copy()
+    mirrored = image[:, :, ::-1].copy()
+    with torch.no_grad():
+        plain, _ = model(torch.from_numpy(image))
+        plain_mirrored, _ = model(torch.from_numpy(mirrored))
+    assert not torch.allclose(plain, plain_mirrored, atol=1e-3)  # the plain CNN is not mirror-invariant
+    model.flip_tta = True
+    session = ort.InferenceSession(str(export(model, tmp_path / "flip.onnx", 28, 28, 1)))
+    logits, embedding = session.run(None, {"image": image})
+    logits_m, embedding_m = session.run(None, {"image": mirrored})
+    np.testing.assert_allclose(logits, logits_m, atol=1e-5)
+    np.testing.assert_allclose(embedding, embedding_m, atol=1e-5)
+    np.testing.assert_allclose(logits, ((plain + plain_mirrored) / 2).numpy(), atol=1e-4)
+
+
 def test_augment_keeps_shape_and_range_and_is_seeded() -> None:
     images = torch.randint(0, 256, (8, 28, 28, 1), dtype=torch.uint8)
     augment = Augment(shift_px=2, scale=0.1, hflip=True, gain=0.2)
