@@ -68,6 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gateway", default="",
                         help="instead: time Classify and SearchSimilar end to end on this running gateway, one call "
                              "at a time, alternating, with --test Fashion-MNIST test images (default: off)")
+    parser.add_argument("--gateway-precision", type=int, default=0,
+                        help="with --gateway: also measure SearchSimilar precision@k for N Fashion-MNIST test images "
+                             "against the gateway's indexed catalog (default: 0 = skip)")
     return parser
 
 
@@ -305,11 +308,43 @@ def end_to_end(args: argparse.Namespace) -> dict:
                 call(image)
                 if i >= 10:  # warm-up
                     times[name].append((time.perf_counter() - start) * 1e3)
-    results = {name: {"p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
-                      "calls": len(t)} for name, t in times.items()}
+    results: dict = {name: {"p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
+                            "calls": len(t)} for name, t in times.items()}
     LOG.info("end to end on %s: %s", args.gateway, results)
+    if args.gateway_precision:
+        results["search_precision"] = gateway_precision(args.gateway, args.gateway_precision, args.k)
     print(json.dumps(results, indent=2))
     return results
+
+
+def gateway_precision(address: str, count: int, k: int, concurrency: int = 8) -> dict:
+    """Precision@k ("same category") of SearchSimilar on a running gateway for ``count`` Fashion-MNIST test
+    images (class-balanced), against whatever catalog that gateway has indexed (labels from its metadata)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
+
+    from tools.catalog import read_catalog
+
+    queries = read_catalog(f"fashion-mnist:test:{count}")
+    same = np.zeros(len(queries), dtype=np.int64)
+    start = time.perf_counter()
+    with grpc.insecure_channel(address) as channel:
+        stub = recognition_pb2_grpc.ProductRecognitionStub(channel)
+
+        def one(i: int) -> None:
+            reply = stub.SearchSimilar(recognition_pb2.SearchSimilarRequest(image=queries[i].read(), k=k), timeout=60)
+            if len(reply.matches) != k:
+                raise RuntimeError(f"{queries[i].product_id}: {len(reply.matches)} matches, expected {k}")
+            same[i] = sum(m.label == queries[i].category for m in reply.matches)
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, range(len(queries))))
+    result = {"queries": len(queries), "k": k, "precision_at_k": float(same.sum() / (k * len(queries))),
+              "seconds": round(time.perf_counter() - start, 1)}
+    LOG.info("SearchSimilar precision@%d on %s: %s", k, address, result)
+    return result
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import onnxruntime as ort
+import pytest
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2
 
@@ -17,6 +18,7 @@ from training.repository import classifier_config, combine_config, ensemble_conf
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 FASHION = Spec(28, 28, 1, "object", 0, "dark")
+COMMITTED = ["fashion_cnn", "fashion_effnet"]
 
 
 def _dims(config, name: str) -> list[int]:  # type: ignore[no-untyped-def]
@@ -24,20 +26,22 @@ def _dims(config, name: str) -> list[int]:  # type: ignore[no-untyped-def]
     return [int(d) for d in next(t for t in tensors if t.name == name).dims]
 
 
-def test_training_and_gateway_read_the_same_recipe_from_the_committed_config() -> None:
-    config = read_config(REPOSITORY / "fashion_cnn" / "config.pbtxt")
-    assert read_spec(REPOSITORY / "fashion_cnn" / "config.pbtxt") == FASHION
+@pytest.mark.parametrize("model", COMMITTED)
+def test_training_and_gateway_read_the_same_recipe_from_the_committed_config(model: str) -> None:
+    config = read_config(REPOSITORY / model / "config.pbtxt")
+    assert read_spec(REPOSITORY / model / "config.pbtxt") == FASHION
     as_triton_json = json_format.MessageToDict(config, preserving_proto_field_name=True)
     assert spec_from_config(as_triton_json) == FASHION
     assert config.parameters["shopvision.public"].string_value == "true"
 
 
-def test_committed_onnx_graph_matches_its_configs_labels_and_card() -> None:
-    classifier = read_config(REPOSITORY / "fashion_cnn_onnx" / "config.pbtxt")
-    ensemble = read_config(REPOSITORY / "fashion_cnn" / "config.pbtxt")
+@pytest.mark.parametrize("model", COMMITTED)
+def test_committed_onnx_graph_matches_its_configs_labels_and_card(model: str) -> None:
+    classifier = read_config(REPOSITORY / f"{model}_onnx" / "config.pbtxt")
+    ensemble = read_config(REPOSITORY / model / "config.pbtxt")
     assert classifier.backend == "onnxruntime" and ensemble.platform == "ensemble"
-    assert ensemble.ensemble_scheduling.step[0].model_name == "fashion_cnn_onnx"
-    session = ort.InferenceSession(str(REPOSITORY / "fashion_cnn_onnx" / "1" / "model.onnx"),
+    assert ensemble.ensemble_scheduling.step[0].model_name == f"{model}_onnx"
+    session = ort.InferenceSession(str(REPOSITORY / f"{model}_onnx" / "1" / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
     (image,) = session.get_inputs()
     assert image.name == "image" and image.type == "tensor(uint8)"
@@ -45,9 +49,9 @@ def test_committed_onnx_graph_matches_its_configs_labels_and_card() -> None:
     outputs = {o.name: o.shape[1:] for o in session.get_outputs()}
     assert outputs == {"logits": _dims(classifier, "logits"), "embedding": _dims(classifier, "embedding")}
     assert _dims(ensemble, "probabilities") == [10] and _dims(ensemble, "embedding") == outputs["embedding"]
-    labels = (REPOSITORY / "fashion_cnn" / "labels.txt").read_text().splitlines()
+    labels = (REPOSITORY / model / "labels.txt").read_text().splitlines()
     assert labels == list(FASHION_LABELS)
-    version = REPOSITORY / "fashion_cnn" / "1"
+    version = REPOSITORY / model / "1"
     assert spec_from_dict(json.loads((version / "spec.json").read_text())) == FASHION
     card = (version / "MODEL_CARD.md").read_text()
     assert "test top-1" in card and "catalog-style photos top-1" in card
