@@ -31,7 +31,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# ONNX Runtime is imported before usearch on purpose: importing onnxruntime after usearch 2.26 (numkong 7.8)
+# segfaults in this venv (seen 2026-11-27: `from usearch.index import Index; import onnxruntime` crashes).
 import numpy as np
+import onnxruntime  # noqa: F401
 
 from services.gateway.search.index import l2_normalise
 
