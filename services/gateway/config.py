@@ -163,7 +163,7 @@ class SearchConfig:
             model=env_str("GATEWAY_SEARCH_MODEL", "", env),
             # Empty: the version Triton serves when the first product is indexed (then pinned in the index).
             model_version=env_str("GATEWAY_SEARCH_MODEL_VERSION", "", env),
-            precision=env_str("GATEWAY_SEARCH_PRECISION", "f16", env),
+            precision=env_str("GATEWAY_SEARCH_PRECISION", "f32", env),
             ef=env_int("GATEWAY_SEARCH_EF", 64, env, minimum=1),
             exact_below=env_int("GATEWAY_SEARCH_EXACT_BELOW", 2000, env, minimum=0),
             max_k=env_int("GATEWAY_SEARCH_MAX_K", 100, env, minimum=1),

@@ -36,7 +36,7 @@ class IndexParams:
     """HNSW settings. ``dim``, ``dtype`` and ``connectivity`` are fixed once a graph exists."""
 
     dim: int
-    dtype: str = "f16"
+    dtype: str = "f32"
     connectivity: int = 16
     expansion_add: int = 128
     expansion_search: int = 64
