@@ -1,0 +1,1 @@
+../../../training/fuse_probabilities.py
