@@ -93,12 +93,34 @@ def test_flip_tta_makes_the_exported_model_mirror_invariant(tmp_path: Path) -> N
         plain_mirrored, _ = model(torch.from_numpy(mirrored))
     assert not torch.allclose(plain, plain_mirrored, atol=1e-3)  # the plain CNN is not mirror-invariant
     model.flip_tta = True
-    session = ort.InferenceSession(str(export(model, tmp_path / "flip.onnx", 28, 28, 1)))
+    assert export(model, tmp_path / "flip.onnx", 28, 28, 1) < 1e-4  # parity with PyTorch
+    session = ort.InferenceSession(str(tmp_path / "flip.onnx"))
     logits, embedding = session.run(None, {"image": image})
     logits_m, embedding_m = session.run(None, {"image": mirrored})
     np.testing.assert_allclose(logits, logits_m, atol=1e-5)
     np.testing.assert_allclose(embedding, embedding_m, atol=1e-5)
     np.testing.assert_allclose(logits, ((plain + plain_mirrored) / 2).numpy(), atol=1e-4)
+
+
+def test_float16_stored_weights_halve_the_file_and_keep_the_outputs(tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from training.onnx_export import export, store_weights_as_float16
+
+    torch.manual_seed(0)
+    export(build_model("seed_cnn", FASHION, 10).eval(), tmp_path / "model.onnx", 28, 28, 1)
+    store_weights_as_float16(tmp_path / "model.onnx", tmp_path / "model.fp16w.onnx")
+    assert (tmp_path / "model.fp16w.onnx").stat().st_size < 0.6 * (tmp_path / "model.onnx").stat().st_size
+    stored = {i.data_type for i in onnx.load(str(tmp_path / "model.fp16w.onnx")).graph.initializer
+              if np.prod(i.dims) >= 1024}
+    assert stored == {onnx.TensorProto.FLOAT16}
+    image = fashion_mnist_raw("test")[0][:8, :, :, None].copy()
+    (fp32, _), (fp16w, _) = (ort.InferenceSession(str(tmp_path / name)).run(None, {"image": image})
+                             for name in ("model.onnx", "model.fp16w.onnx"))
+    assert fp16w.dtype == np.float32
+    np.testing.assert_allclose(fp16w, fp32, atol=1e-2)
+    assert not np.array_equal(fp16w, fp32)  # the weights really were rounded
 
 
 def test_augment_keeps_shape_and_range_and_is_seeded() -> None:
