@@ -4,7 +4,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+# ONNX Runtime is imported here, before any test module imports usearch (the gateway's search index): importing
+# onnxruntime after usearch 2.26 segfaults in this venv (tools/search_bench.py).
 import grpc
+import onnxruntime  # noqa: F401
 import pytest
 from shopvision.v1 import recognition_pb2_grpc
 

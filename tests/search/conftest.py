@@ -4,9 +4,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-# ONNX Runtime is imported before usearch (via the gateway's index) on purpose: the other order segfaults with
-# usearch 2.26 in this venv (tools/search_bench.py).
-import onnxruntime  # noqa: F401
 import pytest
 
 from services.stack import Stack
