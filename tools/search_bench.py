@@ -320,31 +320,43 @@ def end_to_end(args: argparse.Namespace) -> dict:
     return results
 
 
-def gateway_precision(address: str, count: int, k: int, concurrency: int = 8) -> dict:
-    """Precision@k ("same category") of SearchSimilar on a running gateway for ``count`` Fashion-MNIST test
-    images (class-balanced), against whatever catalog that gateway has indexed (labels from its metadata)."""
+def search_gateway(address: str, queries: list, k: int, concurrency: int = 8) -> list[list]:  # type: ignore[type-arg]
+    """SearchSimilar's matches for each of ``queries`` (catalog items), in order, ``concurrency`` calls in flight."""
     from concurrent.futures import ThreadPoolExecutor
 
     import grpc
     from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
 
-    from tools.catalog import read_catalog
-
-    queries = read_catalog(f"fashion-mnist:test:{count}")
-    same = np.zeros(len(queries), dtype=np.int64)
-    start = time.perf_counter()
     with grpc.insecure_channel(address) as channel:
         stub = recognition_pb2_grpc.ProductRecognitionStub(channel)
 
-        def one(i: int) -> None:
-            reply = stub.SearchSimilar(recognition_pb2.SearchSimilarRequest(image=queries[i].read(), k=k), timeout=60)
-            if len(reply.matches) != k:
-                raise RuntimeError(f"{queries[i].product_id}: {len(reply.matches)} matches, expected {k}")
-            same[i] = sum(m.label == queries[i].category for m in reply.matches)
+        def one(query) -> list:  # type: ignore[no-untyped-def, type-arg]
+            request = recognition_pb2.SearchSimilarRequest(image=query.read(), k=k)
+            return list(stub.SearchSimilar(request, timeout=60).matches)
 
         with ThreadPoolExecutor(concurrency) as pool:
-            list(pool.map(one, range(len(queries))))
-    result = {"queries": len(queries), "k": k, "precision_at_k": float(same.sum() / (k * len(queries))),
+            return list(pool.map(one, queries))
+
+
+def same_category_precision(queries: list, answers: list[list], k: int) -> float:  # type: ignore[type-arg]
+    """Share of the returned matches whose label is the query's category; every answer must hold ``k`` matches."""
+    same = 0
+    for query, matches in zip(queries, answers, strict=True):
+        if len(matches) != k:
+            raise RuntimeError(f"{query.product_id}: {len(matches)} matches, expected {k}")
+        same += sum(m.label == query.category for m in matches)
+    return same / (k * len(queries))
+
+
+def gateway_precision(address: str, count: int, k: int, concurrency: int = 8) -> dict:
+    """Precision@k ("same category") of SearchSimilar on a running gateway for ``count`` Fashion-MNIST test
+    images (class-balanced), against whatever catalog that gateway has indexed (labels from its metadata)."""
+    from tools.catalog import read_catalog
+
+    queries = read_catalog(f"fashion-mnist:test:{count}")
+    start = time.perf_counter()
+    precision = same_category_precision(queries, search_gateway(address, queries, k, concurrency), k)
+    result = {"queries": len(queries), "k": k, "precision_at_k": precision,
               "seconds": round(time.perf_counter() - start, 1)}
     LOG.info("SearchSimilar precision@%d on %s: %s", k, address, result)
     return result

@@ -9,16 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
-from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
+from shopvision.v1 import recognition_pb2
 
 from services.gateway.search.index import l2_normalise
 from services.stack import Stack
 from tests.search.gateways import PrivateGateway
 from tools import index_catalog
-from tools.catalog import read_catalog
+from tools.catalog import CatalogItem, read_catalog
+from tools.search_bench import same_category_precision, search_gateway
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 MODEL = "fashion_effnet"
@@ -45,27 +45,24 @@ def finetuned_search(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="module")
-def answers(finetuned_search: str) -> list[list[recognition_pb2.Match]]:
-    with grpc.insecure_channel(finetuned_search) as channel:
-        stub = recognition_pb2_grpc.ProductRecognitionStub(channel)
-        return [list(stub.SearchSimilar(recognition_pb2.SearchSimilarRequest(image=query.read()), timeout=30).matches)
-                for query in read_catalog(f"fashion-mnist:test:{QUERIES}")]
+def queries() -> list[CatalogItem]:
+    return read_catalog(f"fashion-mnist:test:{QUERIES}")
 
 
-def test_finetuned_embedding_precision_at_10_same_category(answers: list[list[recognition_pb2.Match]]) -> None:
-    queries = read_catalog(f"fashion-mnist:test:{QUERIES}")
-    same = total = 0
-    for query, matches in zip(queries, answers, strict=True):
-        assert len(matches) == 10
-        same += sum(m.label == query.category for m in matches)
-        total += len(matches)
-    precision = same / total
+@pytest.fixture(scope="module")
+def answers(finetuned_search: str, queries: list[CatalogItem]) -> list[list[recognition_pb2.Match]]:
+    return search_gateway(finetuned_search, queries, 10)
+
+
+def test_finetuned_embedding_precision_at_10_same_category(queries: list[CatalogItem],
+                                                           answers: list[list[recognition_pb2.Match]]) -> None:
+    precision = same_category_precision(queries, answers, 10)  # raises unless every answer holds 10 matches
     print(f"{MODEL} precision@10 over {len(queries)} queries, catalog {CATALOG}: {precision:.3f}")
     assert precision >= PRECISION_FLOOR, precision
 
 
 def test_gateway_ann_recall_at_10_against_exact_search_on_the_served_embeddings(
-        answers: list[list[recognition_pb2.Match]]) -> None:
+        queries: list[CatalogItem], answers: list[list[recognition_pb2.Match]]) -> None:
     """The gateway's HNSW answers against exact search over the same embeddings, computed here in-process from the
     served ONNX file with the serving path's own preprocessing: checks the embedding path and the ANN together."""
     import onnxruntime as ort
@@ -82,7 +79,6 @@ def test_gateway_ann_recall_at_10_against_exact_search_on_the_served_embeddings(
         return l2_normalise(vectors)
 
     catalog = read_catalog(f"fashion-mnist:train:{CATALOG}")
-    queries = read_catalog(f"fashion-mnist:test:{QUERIES}")
     exact = np.argsort(-(embed(queries) @ embed(catalog).T), axis=1)[:, :10]
     hits = sum(len({m.product_id for m in matches} & {catalog[j].product_id for j in row})
                for matches, row in zip(answers, exact, strict=True))
