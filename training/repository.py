@@ -89,15 +89,14 @@ def _parameters(spec: Spec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ensemble_config(model: str, spec: Spec, num_classes: int, embedding_dim: int, description: str,
-                    max_batch_size: int = 64) -> str:
+def _public_ensemble(name: str, header: str, spec: Spec, num_classes: int, embedding_dim: int, steps: list[str],
+                     max_batch_size: int) -> str:
+    """A public ensemble's config: uint8 ``image`` in, ``probabilities`` (with labels) and ``embedding`` out,
+    ``steps`` in order, the recipe as ``preprocess.*`` parameters."""
     image = (spec.height, spec.width, spec.channels)
-    return f"""# Public model "{model}": {description}
-# Written by `python -m training.publish`. classifier -> softmax; labels.txt feeds
-# the classification extension. The "preprocess.*" parameters and the image dims
-# are this model's preprocessing recipe: training reads them from here, the
-# gateway reads them from Triton and the preprocess service applies them.
-name: "{model}"
+    joined = ",\n".join(steps)
+    return f"""{header}
+name: "{name}"
 platform: "ensemble"
 max_batch_size: {max_batch_size}
 input [
@@ -109,23 +108,33 @@ output [
 ]
 ensemble_scheduling {{
   step [
-    {{
+{joined}
+  ]
+}}
+version_policy: {{ latest: {{ num_versions: 1 }} }}
+""" + _parameters(spec)
+
+
+def ensemble_config(model: str, spec: Spec, num_classes: int, embedding_dim: int, description: str,
+                    max_batch_size: int = 64) -> str:
+    header = f"""# Public model "{model}": {description}
+# Written by `python -m training.publish`. classifier -> softmax; labels.txt feeds
+# the classification extension. The "preprocess.*" parameters and the image dims
+# are this model's preprocessing recipe: training reads them from here, the
+# gateway reads them from Triton and the preprocess service applies them."""
+    steps = [f"""    {{
       model_name: "{classifier_name(model)}"
       model_version: -1
       input_map {{ key: "image" value: "image" }}
       output_map {{ key: "logits" value: "logits" }}
       output_map {{ key: "embedding" value: "embedding" }}
-    }},
-    {{
+    }}""", f"""    {{
       model_name: "{SOFTMAX}"
       model_version: -1
       input_map {{ key: "logits" value: "logits" }}
       output_map {{ key: "probabilities" value: "probabilities" }}
-    }}
-  ]
-}}
-version_policy: {{ latest: {{ num_versions: 1 }} }}
-""" + _parameters(spec)
+    }}"""]
+    return _public_ensemble(model, header, spec, num_classes, embedding_dim, steps, max_batch_size)
 
 
 def combine_config(fused: str, members: int, weights: list[float], max_batch_size: int = 64) -> str:
@@ -166,27 +175,9 @@ def fused_config(fused: str, members: list[str], spec: Spec, num_classes: int, e
 {combine_inputs}
       output_map {{ key: "probabilities" value: "probabilities" }}
     }}""")
-    image = (spec.height, spec.width, spec.channels)
-    joined = ",\n".join(steps)
-    return f"""# Public model "{fused}": {description}
-# Written by `python -m training.publish --fuse`. Members: {', '.join(members)}.
-name: "{fused}"
-platform: "ensemble"
-max_batch_size: {max_batch_size}
-input [
-  {{ name: "image" data_type: TYPE_UINT8 dims: {_dims(image)} }}
-]
-output [
-  {{ name: "probabilities" data_type: TYPE_FP32 dims: [ {num_classes} ] label_filename: "labels.txt" }},
-  {{ name: "embedding" data_type: TYPE_FP32 dims: [ {embedding_dim} ] }}
-]
-ensemble_scheduling {{
-  step [
-{joined}
-  ]
-}}
-version_policy: {{ latest: {{ num_versions: 1 }} }}
-""" + _parameters(spec)
+    header = f"""# Public model "{fused}": {description}
+# Written by `python -m training.publish --fuse`. Members: {', '.join(members)}."""
+    return _public_ensemble(fused, header, spec, num_classes, embedding_dim, steps, max_batch_size)
 
 
 def copy_files(files: list[Path], folder: Path) -> list[Path]:
