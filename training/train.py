@@ -93,6 +93,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                      help="max relative intensity change; mostly useful with --no-contrast-stretch "
                           "(default: %(default)s)")
     aug.add_argument("--no-hflip", action="store_true", help="no horizontal flips")
+    aug.add_argument("--aug-erase", type=float, default=0.0,
+                     help="share of images with one random rectangle erased (random erasing) "
+                          "(default: %(default)s)")
     kd = parser.add_argument_group("knowledge distillation")
     kd.add_argument("--teacher", type=Path, default=None, help="checkpoint.pth of a trained teacher (default: none)")
     kd.add_argument("--kd-alpha", type=float, default=0.7,
@@ -108,6 +111,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--deterministic", action="store_true", help="use only deterministic algorithms (slower on GPU)")
     run.add_argument("--output-dir", type=Path, default=Path("runs") / "train", help="(default: %(default)s)")
     run.add_argument("--resume", type=Path, default=None, help="checkpoint.pth to continue from")
+    run.add_argument("--init-from", type=Path, default=None,
+                     help="start from this checkpoint's weights (same arch; --net-size may differ: progressive "
+                          "resizing), with a fresh optimizer and schedule (default: the arch's own start)")
     run.add_argument("--keep-epoch-checkpoints", action="store_true",
                      help="also keep checkpoint_<epoch>.pth of every epoch (default: only the latest)")
     run.add_argument("--eval-batch-size", type=int, default=512, help="(default: %(default)s)")
@@ -186,6 +192,13 @@ def main(args: argparse.Namespace) -> dict:
 
     model = build_model(args.arch, spec, len(classes), args.net_size, pretrained=not args.no_pretrained,
                         stretch_contrast=not args.no_contrast_stretch)
+    if args.init_from is not None:
+        init = torch.load(args.init_from, map_location="cpu", weights_only=False)
+        if init["meta"]["arch"] != args.arch or init["meta"]["spec"] != spec_to_dict(spec):
+            raise SystemExit(f"--init-from {args.init_from} is a {init['meta']['arch']} on {init['meta']['spec']}, "
+                             f"not a {args.arch} on {spec_to_dict(spec)}")
+        model.load_state_dict(init["model"])
+        LOG.info("weights from %s (net size %s → %s)", args.init_from, init["meta"]["net_size"], args.net_size)
     macs = count_macs(model, spec)
     params = sum(p.numel() for p in model.parameters())
     # channels_last on every device: 2-3x faster EfficientNet training on the 2-core CPU (measured), and the
@@ -203,7 +216,7 @@ def main(args: argparse.Namespace) -> dict:
     schedule = warmup_cosine(args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    augment = Augment(args.aug_shift, args.aug_scale, not args.no_hflip, args.aug_gain)
+    augment = Augment(args.aug_shift, args.aug_scale, not args.no_hflip, args.aug_gain, args.aug_erase)
 
     teacher = None
     if args.teacher is not None:
@@ -218,7 +231,8 @@ def main(args: argparse.Namespace) -> dict:
     meta = {"arch": args.arch, "spec": spec_to_dict(spec), "classes": list(classes), "net_size": args.net_size,
             "stretch_contrast": not args.no_contrast_stretch,
             "recipe": str(args.recipe), "data": args.data, "macs": macs, "params": params,
-            "teacher": str(args.teacher) if args.teacher else None}
+            "teacher": str(args.teacher) if args.teacher else None,
+            "init_from": str(args.init_from) if args.init_from else None}
     start_epoch, history = 0, []
     if args.resume is not None:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)

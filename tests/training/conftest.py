@@ -39,9 +39,10 @@ def fashion_config() -> Path:
 @pytest.fixture(scope="session")
 def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``cnn``: seed CNN, 300 images, 1 epoch. ``effnet``: EfficientNet-Lite0 (ImageNet weights) at 32 px,
-    64 images, 2 epochs with the backbone frozen in the first."""
+    64 images, 2 epochs with the backbone frozen in the first. ``resnet``: the small ResNet, like ``cnn``."""
     base = tmp_path_factory.mktemp("smoke-runs")
     _train_run(base / "cnn")
     _train_run(base / "effnet", "--arch", "efficientnet_lite0", "--net-size", "32", "--limit-train", "64",
                "--limit-val", "32", "--epochs", "2", "--freeze-epochs", "1", "--backbone-lr-scale", "0.25")
-    return {"cnn": base / "cnn", "effnet": base / "effnet"}
+    _train_run(base / "resnet", "--arch", "resnet_small", "--aug-erase", "0.5")
+    return {"cnn": base / "cnn", "effnet": base / "effnet", "resnet": base / "resnet"}

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 
-from training import evaluate, quantize
+from training import compare, evaluate, quantize
 from training.datasets import FASHION_LABELS
 from training.models import load_checkpoint
 
@@ -103,3 +104,38 @@ def test_evaluate_writes_the_model_card(tmp_path: Path, smoke_runs: dict[str, Pa
         assert f"| {label} |" in card
     assert "catalog-style photos top-1" in card
     assert (out / "confusion_test.png").exists() and (out / "confusion_catalog.png").exists()
+
+
+def test_fusion_weights_chosen_on_validation_beat_or_match_each_member(tmp_path: Path,
+                                                                       smoke_runs: dict[str, Path]) -> None:
+    members = [compare.Scored(smoke_runs[name], 1) for name in ("cnn", "resnet")]
+    images, labels = compare._validation_images(members[0])
+    assert len(labels) == 100
+    for member in members:  # the split rebuilt from run.json is the one training validated on
+        top1 = float((member.probabilities(images).argmax(1) == labels).mean())
+        assert top1 == pytest.approx(_run_json(member.run_dir)["val_top1"], abs=0.011)
+    weights, fused_top1 = compare.validation_weights(members)
+    assert weights.sum() == pytest.approx(1.0) and round(float(weights[0]) / 0.05, 6).is_integer()
+    assert fused_top1 >= max(_run_json(m.run_dir)["val_top1"] for m in members) - 0.011
+    result = compare.main(compare.get_args_parser().parse_args(
+        ["fusion", "--members", f"{smoke_runs['cnn']},{smoke_runs['resnet']}", "--weights", "val",
+         "--output-dir", str(tmp_path), "--limit-test", "200", "--catalog-count", "0"]))
+    assert result["weights"] == pytest.approx(weights.tolist()) and result["weights_validation_top1"] == fused_top1
+    assert "chosen on the validation split" in result["markdown"][0]
+
+
+def test_init_from_carries_the_weights_to_another_net_size_and_refuses_another_arch(
+        tmp_path: Path, smoke_runs: dict[str, Path], train_run) -> None:
+    source = smoke_runs["effnet"] / "checkpoint.pth"
+    run = train_run(tmp_path / "resized", "--arch", "efficientnet_lite0", "--net-size", "48", "--init-from",
+                    str(source), "--epochs", "0", "--limit-train", "64", "--limit-val", "32")
+    assert run["meta"]["init_from"] == str(source) and run["meta"]["net_size"] == 48 and run["history"] == []
+    model, _ = load_checkpoint(source)
+    model.net_size = 48  # the same weights, resized input (progressive resizing)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
+    with torch.no_grad():
+        expected, _ = model(torch.from_numpy(pixels))
+    session = ort.InferenceSession(str(tmp_path / "resized" / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"image": pixels})[0], expected.numpy(), atol=1e-4)
+    with pytest.raises(SystemExit, match="not a seed_cnn"):
+        train_run(tmp_path / "wrong", "--init-from", str(source), "--epochs", "0")

@@ -69,6 +69,20 @@ def test_student_has_at_least_5x_fewer_macs_than_the_teacher() -> None:
     assert count_macs(teacher, FASHION) >= 5 * count_macs(student, FASHION)
 
 
+def test_resnet_small_exports_with_parity_and_a_128_dim_embedding(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from training.onnx_export import export
+
+    torch.manual_seed(0)
+    model = build_model("resnet_small", FASHION, 10).eval()
+    assert 20e6 < count_macs(model, FASHION) < 60e6  # 3 basic blocks at 28, 14 and 7 px
+    assert export(model, tmp_path / "resnet.onnx", 28, 28, 1) < 1e-4
+    image = fashion_mnist_raw("test")[0][:3, :, :, None].copy()
+    logits, embedding = ort.InferenceSession(str(tmp_path / "resnet.onnx")).run(None, {"image": image})
+    assert logits.shape == (3, 10) and embedding.shape == (3, 128)
+
+
 def test_contrast_stretch_makes_the_model_exposure_invariant() -> None:
     model = build_model("seed_cnn", FASHION, 10).eval()
     image = torch.from_numpy(fashion_mnist_raw("test")[0][:4, :, :, None].copy())
@@ -133,6 +147,21 @@ def test_augment_keeps_shape_and_range_and_is_seeded() -> None:
     assert not torch.equal(first, images.float())
     identity = Augment(0, 0, False, 0)(images)
     torch.testing.assert_close(identity, images.float())
+
+
+def test_random_erasing_blanks_one_rectangle_in_the_chosen_share_of_images() -> None:
+    images = torch.full((200, 28, 28, 1), 200, dtype=torch.uint8)
+    erased = Augment(0, 0, False, 0, erase=0.5)(images, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(erased, Augment(0, 0, False, 0, erase=0.5)(images, torch.Generator().manual_seed(0)))
+    blank = erased[..., 0] == 0
+    hit = blank.flatten(1).any(dim=1)
+    assert 70 <= int(hit.sum()) <= 130  # about half of the images
+    assert bool(((erased == 0) | ((erased - 200).abs() < 1e-3)).all())  # erased to the background, rest kept
+    for mask in blank[hit]:
+        rows, cols = mask.any(dim=1).nonzero().flatten(), mask.any(dim=0).nonzero().flatten()
+        box = mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert bool(box.all())  # one solid rectangle
+        assert 0.005 * 784 <= int(mask.sum()) <= 0.35 * 784
 
 
 def test_catalog_rendering_is_seeded_light_and_recovered_by_the_object_recipe() -> None:
