@@ -23,7 +23,7 @@ DEVICE=${DEVICE:-cuda}  # DEVICE=cpu (with --smoke) checks this script on a mach
 "$PYTHON" -m training.pipeline --device "$DEVICE" $([ "$DEVICE" = cuda ] && echo --amp) --threads "${THREADS:-8}" \
   --stages train --output-dir "$WORK" "$@"
 echo "training stage wall time: $(( $(date +%s) - start )) s"
-for run in cnn effnet student; do
+for run in cnn effnet resnet student; do
   mkdir -p "$RUNS/$run"
   cp "$WORK/$run"/{run.json,model.onnx} "$RUNS/$run/"
   cp "$WORK/$run/curves.png" "$RUNS/$run/" 2>/dev/null || true
