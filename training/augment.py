@@ -11,7 +11,6 @@ one part of the product).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,15 +58,17 @@ class Augment:
         if self.gain > 0:
             x = x * uniform(1 - self.gain, 1 + self.gain).view(n, 1, 1, 1)
         if self.erase > 0:
-            x = x * (1 - self._erase_mask(n, h, w, uniform, generator).to(x.device))
+            x = x * (1 - self._erase_mask(n, h, w, generator).to(x.device))
         return x.clamp(0, 255).permute(0, 2, 3, 1)
 
-    def _erase_mask(self, n: int, h: int, w: int, uniform: Callable[[float, float], torch.Tensor],
-                    generator: torch.Generator | None) -> torch.Tensor:
-        """(N, 1, H, W) mask, 1 inside one rectangle (2-25 % of the area, aspect 0.3-3.3) for a share ``erase``
-        of the images and 0 elsewhere."""
-        area = uniform(0.02, 0.25).cpu() * h * w
-        aspect = torch.exp(uniform(math.log(0.3), math.log(1 / 0.3)).cpu())
+    def _erase_mask(self, n: int, h: int, w: int, generator: torch.Generator | None) -> torch.Tensor:
+        """(N, 1, H, W) mask on the CPU, 1 inside one rectangle (2-25 % of the area, aspect 0.3-3.3) for a share
+        ``erase`` of the images and 0 elsewhere."""
+        def uniform(low: float, high: float) -> torch.Tensor:
+            return torch.rand(n, generator=generator) * (high - low) + low
+
+        area = uniform(0.02, 0.25) * h * w
+        aspect = torch.exp(uniform(math.log(0.3), math.log(1 / 0.3)))
         eh = torch.sqrt(area * aspect).clamp(1, h)
         ew = torch.sqrt(area / aspect).clamp(1, w)
         top = torch.rand(n, generator=generator) * (h - eh)

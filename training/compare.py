@@ -29,8 +29,8 @@ from training.datasets import (
     FASHION_MNIST,
     fashion_mnist_raw,
     load_dataset,
+    run_split,
     source_labels,
-    stratified_split,
     stratified_subset,
 )
 from training.evaluate import load_run, preprocess_all
@@ -87,9 +87,7 @@ def _validation_images(scored: Scored) -> tuple[np.ndarray, np.ndarray]:
     """The validation split ``training.train`` held out for this run (same data, fraction, seed and limit)."""
     args, classes = scored.run["args"], tuple(scored.meta["classes"])
     labels, _ = source_labels(args["data"], "train", classes)
-    _, val_idx = stratified_split(labels, float(args["val_fraction"]), int(args["seed"]))
-    if int(args["limit_val"]):
-        val_idx = val_idx[stratified_subset(labels[val_idx], int(args["limit_val"]), int(args["seed"]))]
+    _, val_idx = run_split(labels, float(args["val_fraction"]), int(args["seed"]), limit_val=int(args["limit_val"]))
     val = load_dataset(args["data"], scored.spec, split="train", classes=classes, indices=val_idx)
     return val.images, val.labels
 

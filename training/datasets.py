@@ -184,6 +184,19 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
+def run_split(labels: np.ndarray, val_fraction: float, seed: int, limit_train: int = 0,
+              limit_val: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The (train, validation) indices ``training.train`` uses: :func:`stratified_split`, then optionally a
+    class-balanced subset of each (``limit_*`` images; 0 = all). One definition, so a later step (e.g. fusion
+    weights chosen on validation) rebuilds exactly the split a run was validated on."""
+    train_idx, val_idx = stratified_split(labels, val_fraction, seed)
+    if limit_train:
+        train_idx = train_idx[stratified_subset(labels[train_idx], limit_train, seed)]
+    if limit_val:
+        val_idx = val_idx[stratified_subset(labels[val_idx], limit_val, seed)]
+    return train_idx, val_idx
+
+
 def stratified_subset(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
     """``count`` seeded indices spread evenly over the classes (for smoke runs and calibration)."""
     if count <= 0 or count >= len(labels):

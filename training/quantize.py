@@ -102,9 +102,10 @@ def main(args: argparse.Namespace) -> dict:
     pick = train_idx[stratified_subset(labels[train_idx], args.calibration_count, 1)]
     calibration = load_dataset(source, spec, split="train", classes=classes, indices=pick).images
 
-    reduce_range = args.reduce_range == "on" or (args.reduce_range == "auto" and not cpu_has_vnni())
+    vnni = cpu_has_vnni()
+    reduce_range = args.reduce_range == "on" or (args.reduce_range == "auto" and not vnni)
     LOG.info("weights: %s-bit%s", 7 if reduce_range else 8,
-             "" if args.reduce_range != "auto" else f" (auto: this CPU {'has' if cpu_has_vnni() else 'lacks'} VNNI)")
+             "" if args.reduce_range != "auto" else f" (auto: this CPU {'has' if vnni else 'lacks'} VNNI)")
     start = time.perf_counter()
     quant_pre_process(str(fp32_path), str(pre_path), skip_symbolic_shape=False)
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -135,7 +136,7 @@ def main(args: argparse.Namespace) -> dict:
         "test_images": len(test), "calibration_images": len(calibration),
         "calibration_method": args.calibration_method, "per_channel": not args.per_tensor,
         "weight_bits": 7 if reduce_range else 8, "weight_type": args.weight_type,
-        "activation_type": args.activation_type, "cpu_vnni": cpu_has_vnni(),
+        "activation_type": args.activation_type, "cpu_vnni": vnni,
         "op_types": args.op_types,
         "threads": args.threads, "img_s": timing,
         "speedup": {k: v["int8"] / v["fp32"] for k, v in timing.items()},

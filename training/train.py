@@ -37,7 +37,7 @@ from torch import nn
 
 from training import plots
 from training.augment import Augment
-from training.datasets import FASHION_MNIST, load_dataset, source_labels, stratified_split, stratified_subset
+from training.datasets import FASHION_MNIST, load_dataset, run_split, source_labels
 from training.engine import predict, train_one_epoch
 from training.metrics import top_k_accuracy
 from training.models import ARCHS, backbone_parameters, build_model, count_macs, features_of, load_checkpoint
@@ -178,11 +178,7 @@ def main(args: argparse.Namespace) -> dict:
     spec = read_spec(args.recipe)
     LOG.info("recipe from %s: %s", args.recipe, spec)
     labels, classes = source_labels(args.data)
-    train_idx, val_idx = stratified_split(labels, args.val_fraction, args.seed)
-    if args.limit_train:
-        train_idx = train_idx[stratified_subset(labels[train_idx], args.limit_train, args.seed)]
-    if args.limit_val:
-        val_idx = val_idx[stratified_subset(labels[val_idx], args.limit_val, args.seed)]
+    train_idx, val_idx = run_split(labels, args.val_fraction, args.seed, args.limit_train, args.limit_val)
     # Only the images in use are decoded and put through the recipe.
     both = load_dataset(args.data, spec, split="train", classes=classes, indices=np.concatenate([train_idx, val_idx]))
     train_set = both.take(np.arange(len(train_idx)))
