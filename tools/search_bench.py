@@ -88,13 +88,14 @@ def embed_fashion_mnist(args: argparse.Namespace, split: str, count: int) -> tup
 
     from training.datasets import apply_recipe, fashion_mnist_raw, stratified_subset
     from training.recipe import config_path, read_spec
+    from training.repository import latest
 
     spec = read_spec(config_path(args.repository, args.model))
     raw, labels = fashion_mnist_raw(split)
     picked = stratified_subset(labels, count, args.seed)
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
-    session = ort.InferenceSession(str(args.repository / f"{args.model}_onnx" / "1" / "model.onnx"), options,
+    session = ort.InferenceSession(str(latest(args.repository / f"{args.model}_onnx") / "model.onnx"), options,
                                    providers=["CPUExecutionProvider"])
     out = []
     start = time.perf_counter()

@@ -38,6 +38,14 @@ def versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def latest(model_dir: Path) -> Path:
+    """The highest-numbered version folder of ``model_dir``: the one Triton serves under the "latest 1" policy."""
+    found = versions(model_dir)
+    if not found:
+        raise FileNotFoundError(f"{model_dir} has no version folder")
+    return model_dir / str(found[-1])
+
+
 def next_version(repository: Path, model: str) -> int:
     """One above the highest version of the ensemble and its classifier."""
     existing = versions(repository / model) + versions(repository / classifier_name(model))

@@ -69,9 +69,10 @@ def test_gateway_ann_recall_at_10_against_exact_search_on_the_served_embeddings(
 
     from training.evaluate import preprocess_all
     from training.recipe import read_spec
+    from training.repository import latest
 
     spec = read_spec(REPOSITORY / MODEL / "config.pbtxt")
-    session = ort.InferenceSession(str(REPOSITORY / f"{MODEL}_onnx" / "1" / "model.onnx"),
+    session = ort.InferenceSession(str(latest(REPOSITORY / f"{MODEL}_onnx") / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
 
     def embed(items: list) -> np.ndarray:  # type: ignore[type-arg]

@@ -14,7 +14,7 @@ from services.common.spec import Spec
 from services.gateway.triton import spec_from_config
 from training.datasets import FASHION_LABELS
 from training.recipe import read_config, read_spec, spec_from_dict, spec_to_dict
-from training.repository import classifier_config, combine_config, ensemble_config, fused_config
+from training.repository import classifier_config, combine_config, ensemble_config, fused_config, latest
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 FASHION = Spec(28, 28, 1, "object", 0, "dark")
@@ -41,7 +41,7 @@ def test_committed_onnx_graph_matches_its_configs_labels_and_card(model: str) ->
     ensemble = read_config(REPOSITORY / model / "config.pbtxt")
     assert classifier.backend == "onnxruntime" and ensemble.platform == "ensemble"
     assert ensemble.ensemble_scheduling.step[0].model_name == f"{model}_onnx"
-    session = ort.InferenceSession(str(REPOSITORY / f"{model}_onnx" / "1" / "model.onnx"),
+    session = ort.InferenceSession(str(latest(REPOSITORY / f"{model}_onnx") / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
     (image,) = session.get_inputs()
     assert image.name == "image" and image.type == "tensor(uint8)"
@@ -51,7 +51,7 @@ def test_committed_onnx_graph_matches_its_configs_labels_and_card(model: str) ->
     assert _dims(ensemble, "probabilities") == [10] and _dims(ensemble, "embedding") == outputs["embedding"]
     labels = (REPOSITORY / model / "labels.txt").read_text().splitlines()
     assert labels == list(FASHION_LABELS)
-    version = REPOSITORY / model / "1"
+    version = latest(REPOSITORY / model)
     assert spec_from_dict(json.loads((version / "spec.json").read_text())) == FASHION
     card = (version / "MODEL_CARD.md").read_text()
     assert "test top-1" in card and "catalog-style photos top-1" in card

@@ -89,6 +89,69 @@ def test_quantize_writes_an_int8_model_and_a_side_by_side_report(tmp_path: Path,
     assert result["test_images"] == 200 and result["calibration_images"] == 64
     assert set(result["speedup"]) == {"batch_1", "batch_64"}
     assert abs(result["top1_change_pt"]) < 20  # a broken calibration drops to chance
+    assert result["excluded_nodes"] == [] and len(result["worst_activations_sqnr_db"]) > 0
+
+
+def _weight_peaks(int8_path: Path) -> dict[str, tuple[bool, int]]:
+    """Conv node -> (depthwise?, largest |quantized weight|)."""
+    from onnx import numpy_helper
+
+    int8 = onnx.load(str(int8_path))
+    initializers = {i.name: numpy_helper.to_array(i) for i in int8.graph.initializer}
+    dequantized = {n.output[0]: initializers.get(n.input[0])
+                   for n in int8.graph.node if n.op_type == "DequantizeLinear"}
+    peaks = {}
+    for node in int8.graph.node:
+        weight = dequantized.get(node.input[1]) if node.op_type == "Conv" else None
+        if weight is not None:
+            depthwise = any(a.name == "group" and a.i > 1 for a in node.attribute)
+            peaks[node.name] = (depthwise, int(np.abs(weight.astype(np.int32)).max()))
+    return peaks
+
+
+def test_quantize_reduced_range_gives_8_bits_only_where_vpmaddubsw_cannot_saturate(
+        tmp_path: Path, smoke_runs: dict[str, Path]) -> None:
+    """7-bit weights where VPMADDUBSW could saturate; 8-bit depthwise weights (ONNX Runtime computes them without
+    it), and 8-bit GEMM weights where no pair sum left int16 on the calibration images."""
+    run_dir = tmp_path / "effnet"
+    shutil.copytree(smoke_runs["effnet"], run_dir)
+    args = ["--run-dir", str(run_dir), "--calibration-count", "32", "--limit-test", "50", "--rounds", "1",
+            "--seconds", "0.1", "--batch-sizes", "1", "--reduce-range", "on"]
+    result = quantize.main(quantize.get_args_parser().parse_args([*args, "--saturation-tolerance", "-1"]))
+    peaks = _weight_peaks(run_dir / "model.int8.onnx")
+    depthwise = [peak for dw, peak in peaks.values() if dw]
+    assert result["weight_bits"] == 7 and result["depthwise_8bit_weights"] == len(depthwise) > 0
+    assert result["safe_8bit_weights"] == 0 and len(result["saturated_pair_fraction"]) > 0
+    assert max(peak for dw, peak in peaks.values() if not dw) <= 64 < min(depthwise), peaks
+
+    result = quantize.main(quantize.get_args_parser().parse_args([*args, "--saturation-tolerance", "1"]))
+    assert result["safe_8bit_weights"] == len(result["saturated_pair_fraction"]) > 0  # a tolerance of 1 admits all
+    pre = onnx.load(str(run_dir / "model.pre.onnx"))
+    one_by_one = {n.name for n in pre.graph.node if n.op_type == "Conv" and n.input[1] in
+                  result["saturated_pair_fraction"]}
+    for name, (dw, peak) in _weight_peaks(run_dir / "model.int8.onnx").items():
+        assert (peak > 64) == (dw or name in one_by_one), (name, peak)  # the k×k stem conv stays 7-bit
+
+
+def test_quantize_keeps_the_readers_of_the_noisiest_activations_in_float(tmp_path: Path,
+                                                                        smoke_runs: dict[str, Path]) -> None:
+    run_dir = tmp_path / "cnn"
+    shutil.copytree(smoke_runs["cnn"], run_dir)
+    result = quantize.main(quantize.get_args_parser().parse_args(
+        ["--run-dir", str(run_dir), "--calibration-count", "64", "--limit-test", "100", "--rounds", "1",
+         "--seconds", "0.1", "--batch-sizes", "1", "--exclude-worst", "1"]))
+    worst, sqnr = next(iter(result["worst_activations_sqnr_db"].items()))
+    assert sqnr == min(result["worst_activations_sqnr_db"].values())
+    pre = onnx.load(str(run_dir / "model.pre.onnx"))
+    readers = [n.name for n in pre.graph.node if worst in n.input]
+    assert result["excluded_nodes"] == (readers or [n.name for n in pre.graph.node if worst in n.output]) != []
+    int8 = onnx.load(str(run_dir / "model.int8.onnx"))
+    dequantized = {o for n in int8.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = {n.input[0] for n in int8.graph.node if n.op_type == "QuantizeLinear"}
+    assert worst not in quantized  # the noisiest activation stays float
+    for node in int8.graph.node:
+        if node.name in readers:  # reads float tensors, not dequantized INT8 ones
+            assert not dequantized & set(node.input), node.name
 
 
 def test_evaluate_writes_the_model_card(tmp_path: Path, smoke_runs: dict[str, Path]) -> None:
