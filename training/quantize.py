@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -62,6 +64,11 @@ def cpu_has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
+def is_depthwise(node: onnx.NodeProto) -> bool:
+    """A grouped (depthwise) convolution: ONNX Runtime computes it channel by channel, not as one GEMM."""
+    return node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute)
+
+
 def collect_activations(int8_path: Path, images: np.ndarray, work_dir: Path) -> dict[str, list[np.ndarray]]:
     """Every tensor of a QDQ model on ``images`` (flattened per batch), with ONNX Runtime's QDQ debugger."""
     from onnxruntime.quantization import qdq_loss_debug as debug
@@ -91,16 +98,13 @@ def activation_sqnr(activations: dict[str, list[np.ndarray]]) -> dict[str, float
     return sqnr
 
 
-def pair_saturation(int8_path: Path, pre_path: Path, activations: dict[str, list[np.ndarray]],
+def pair_saturation(int8_path: Path, pre: onnx.ModelProto, activations: dict[str, list[np.ndarray]],
                     max_elements: int = 1 << 22) -> dict[str, float]:
     """For every weight that ONNX Runtime multiplies as a GEMM (1×1 convolutions, Gemm, MatMul): the fraction of
     VPMADDUBSW pair sums (uint8 activation codes × int8 weight codes, adjacent input channels added in pairs) that
     would leave int16 if the weight were quantized to 8 bits, over the activations seen (float weight name ->
     fraction). A weight whose pairs never saturate can keep 8 bits on a CPU without VNNI."""
-    import onnx
-    from onnx import numpy_helper
-
-    model, pre = onnx.load(str(int8_path)), onnx.load(str(pre_path))
+    model = onnx.load(str(int8_path))
     quantized = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     weights = {i.name: numpy_helper.to_array(i) for i in pre.graph.initializer}
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim][1:]
@@ -119,7 +123,7 @@ def pair_saturation(int8_path: Path, pre_path: Path, activations: dict[str, list
         attrs = {a.name: a for a in node.attribute}
         weight = weights[original.input[1]]
         if node.op_type == "Conv":
-            if weight.shape[2:] != (1, 1) or ("group" in attrs and attrs["group"].i > 1):
+            if weight.shape[2:] != (1, 1) or is_depthwise(node):
                 continue  # k×k and depthwise convolutions are not one plain GEMM over channels
             matrix = weight.reshape(weight.shape[0], -1)
         else:
@@ -143,22 +147,16 @@ def pair_saturation(int8_path: Path, pre_path: Path, activations: dict[str, list
     return result
 
 
-def depthwise_weights(model_path: Path) -> list[str]:
-    """Weight initializers of the grouped (depthwise) convolutions of ``model_path``."""
-    import onnx
-
-    model = onnx.load(str(model_path))
+def depthwise_weights(model: onnx.ModelProto) -> list[str]:
+    """Weight initializers of the grouped (depthwise) convolutions of ``model``."""
     initializers = {i.name for i in model.graph.initializer}
-    return [n.input[1] for n in model.graph.node if n.op_type == "Conv" and n.input[1] in initializers
-            and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    return [n.input[1] for n in model.graph.node if is_depthwise(n) and n.input[1] in initializers]
 
 
-def float_nodes(model_path: Path, tensors: list[str]) -> list[str]:
-    """Names of the nodes of ``model_path`` to exclude from quantization so that ``tensors`` stay float: their
+def float_nodes(model: onnx.ModelProto, tensors: list[str]) -> list[str]:
+    """Names of the nodes of ``model`` to exclude from quantization so that ``tensors`` stay float: their
     readers, or for a tensor nobody reads (a graph output) its producer."""
-    import onnx
-
-    nodes = onnx.load(str(model_path)).graph.node
+    nodes = model.graph.node
     names = set()
     for tensor in tensors:
         readers = [n.name for n in nodes if tensor in n.input]
@@ -235,11 +233,12 @@ def main(args: argparse.Namespace) -> dict:
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[args.calibration_method]
 
-    eight_bit = depthwise_weights(pre_path) if reduce_range and args.depthwise_8bit else []
-    if eight_bit:
-        LOG.info("depthwise weights: 8-bit (%d convolutions)", len(eight_bit))
+    pre = onnx.load(str(pre_path))
+    depthwise = depthwise_weights(pre) if reduce_range and args.depthwise_8bit else []
+    if depthwise:
+        LOG.info("depthwise weights: 8-bit (%d convolutions)", len(depthwise))
 
-    def quantize(exclude: list[str]) -> None:
+    def quantize(eight_bit: list[str], exclude: list[str]) -> None:
         quantize_static(str(pre_path), str(int8_path), ImageReader(calibration), quant_format=QuantFormat.QDQ,
                         per_channel=not args.per_tensor, reduce_range=reduce_range,
                         weight_type=QuantType.QInt8 if args.weight_type == "int8" else QuantType.QUInt8,
@@ -249,23 +248,23 @@ def main(args: argparse.Namespace) -> dict:
                                                                 for w in eight_bit}},
                         op_types_to_quantize=[t for t in args.op_types.split(",") if t] or None)
 
-    quantize([])
+    quantize(depthwise, [])
     activations = collect_activations(int8_path, calibration[:64], args.run_dir)
     sqnr = activation_sqnr(activations)
-    saturation = pair_saturation(int8_path, pre_path, activations) if reduce_range else {}
+    saturation = pair_saturation(int8_path, pre, activations) if reduce_range else {}
     del activations
     safe = [w for w, fraction in saturation.items() if fraction <= args.saturation_tolerance]
     if safe:
         LOG.info("8-bit weights for %d of %d GEMM operators: at most a fraction %g of their VPMADDUBSW pair sums "
                  "leaves int16 on the calibration images", len(safe), len(saturation), args.saturation_tolerance)
-        eight_bit.extend(safe)
-    worst = sorted(sqnr, key=sqnr.__getitem__)[:args.exclude_worst]
-    excluded = float_nodes(pre_path, worst) if worst else []
+    noisiest = sorted(sqnr, key=sqnr.__getitem__)
+    worst = noisiest[:args.exclude_worst]
+    excluded = float_nodes(pre, worst) if worst else []
     if excluded:
         LOG.info("keeping %d operators in float, for %s", len(excluded),
                  ", ".join(f"{t} ({sqnr[t]:.1f} dB)" for t in worst))
     if safe or excluded:
-        quantize(excluded)
+        quantize(depthwise + safe, excluded)
     quantize_s = time.perf_counter() - start
     LOG.info("quantized %s -> %s in %.1f s", fp32_path, int8_path, quantize_s)
 
@@ -286,13 +285,13 @@ def main(args: argparse.Namespace) -> dict:
         "test_images": len(test), "calibration_images": len(calibration),
         "calibration_method": args.calibration_method, "per_channel": not args.per_tensor,
         "weight_bits": 7 if reduce_range else 8, "weight_type": args.weight_type,
-        "depthwise_8bit_weights": len(eight_bit) - len(safe), "safe_8bit_weights": len(safe),
+        "depthwise_8bit_weights": len(depthwise), "safe_8bit_weights": len(safe),
         "saturation_tolerance": args.saturation_tolerance,
         "saturated_pair_fraction": {w: float(f"{f:.3g}") for w, f in saturation.items()},
         "activation_type": args.activation_type, "cpu_vnni": vnni,
         "op_types": args.op_types,
         "excluded_nodes": excluded,
-        "worst_activations_sqnr_db": {t: round(sqnr[t], 2) for t in sorted(sqnr, key=sqnr.__getitem__)[:10]},
+        "worst_activations_sqnr_db": {t: round(sqnr[t], 2) for t in noisiest[:10]},
         "threads": args.threads, "img_s": timing,
         "speedup": {k: v["int8"] / v["fp32"] for k, v in timing.items()},
         "size_bytes": {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size},
@@ -301,7 +300,7 @@ def main(args: argparse.Namespace) -> dict:
     result["markdown"] = [
         f"INT8 static quantization (ONNX Runtime QDQ of {args.op_types or 'all supported ops'}, "
         f"per-channel={result['per_channel']}, {result['weight_bits']}-bit {args.weight_type} weights"
-        f"{f' ({len(eight_bit)} 8-bit: depthwise and saturation-free)' if eight_bit else ''}, "
+        f"{f' ({len(depthwise) + len(safe)} 8-bit: depthwise and saturation-free)' if depthwise or safe else ''}, "
         f"{args.activation_type} activations, CPU {'with' if result['cpu_vnni'] else 'without'} VNNI, "
         f"{args.calibration_method} calibration on {len(calibration)} training images, quant_pre_process first"
         f"{f', {len(excluded)} operators kept in float' if excluded else ''}), "

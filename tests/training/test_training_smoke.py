@@ -104,8 +104,7 @@ def _weight_peaks(int8_path: Path) -> dict[str, tuple[bool, int]]:
     for node in int8.graph.node:
         weight = dequantized.get(node.input[1]) if node.op_type == "Conv" else None
         if weight is not None:
-            depthwise = any(a.name == "group" and a.i > 1 for a in node.attribute)
-            peaks[node.name] = (depthwise, int(np.abs(weight.astype(np.int32)).max()))
+            peaks[node.name] = (quantize.is_depthwise(node), int(np.abs(weight.astype(np.int32)).max()))
     return peaks
 
 
