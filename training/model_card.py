@@ -99,6 +99,15 @@ def render(run: dict, report: dict, extras: dict[str, dict] | None = None) -> st
         lines.append(f"- exported from run `{export['from_run']}` with `{export['command']}`"
                      + (" (test-time flip averaging in the graph: the backbone runs on the image and its mirror "
                         "image, MACs doubled)" if export.get("flip_tta") else ""))
+    if meta.get("init_from"):
+        lines.append(f"- started from the weights of `{meta['init_from']}` (fresh optimizer and schedule; the wall "
+                     "time above is this run's alone)")
+    average = run.get("average")
+    if average:
+        members = ", ".join(f"`{m['checkpoint']}` {_pct(m['val_top1'])}" for m in average["members"])
+        lines.append(f"- weights averaged with `{average['command']}` over {members} (validation top-1); "
+                     f"batch-norm statistics re-estimated on {average['bn_images']} training images; "
+                     f"average: validation top-1 {_pct(average['val_top1'])}")
     if meta.get("teacher"):
         lines.append(f"- distilled from teacher `{meta['teacher']}`")
     if history:
