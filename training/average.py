@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.datasets import load_dataset, run_split, source_labels, stratified_subset
+from training.datasets import load_dataset, run_split_of, source_labels, stratified_subset
 from training.engine import batches, predict, progress
 from training.metrics import top_k_accuracy
 from training.models import load_checkpoint
@@ -127,13 +127,11 @@ def _main(args: argparse.Namespace, started: float) -> dict:
     models, checkpoints = [m for m, _ in loaded], [c for _, c in loaded]
     check_compatible(checkpoints, args.checkpoints)
     last = checkpoints[-1]
-    meta, run_args = dict(last["meta"]), last["args"]
+    meta, run_args = last["meta"], last["args"]
     spec = spec_from_dict(meta["spec"])
     classes = tuple(meta["classes"])
     labels, _ = source_labels(run_args["data"], "train", classes)
-    seed = int(run_args["seed"])
-    train_idx, val_idx = run_split(labels, float(run_args["val_fraction"]), seed, int(run_args["limit_train"]),
-                                   int(run_args["limit_val"]))
+    train_idx, val_idx = run_split_of(labels, run_args)
     val = load_dataset(run_args["data"], spec, split="train", classes=classes, indices=val_idx)
     val_images = torch.from_numpy(val.images)
     device = torch.device("cpu")
@@ -143,9 +141,10 @@ def _main(args: argparse.Namespace, started: float) -> dict:
                          show_progress=not args.no_progress)
         return top_k_accuracy(logits, val.labels, 1) if len(val) else float("nan")
 
-    member_top1 = [val_top1(model, path.parent.name) for path, model in zip(args.checkpoints, models, strict=True)]
-    for path, top1 in zip(args.checkpoints, member_top1, strict=True):
-        LOG.info("member %s: validation top-1 %.2f %%", path, 100 * top1)
+    member_top1 = []
+    for path, model in zip(args.checkpoints, models, strict=True):
+        member_top1.append(val_top1(model, path.parent.name))
+        LOG.info("member %s: validation top-1 %.2f %%", path, 100 * member_top1[-1])
     members = [{"checkpoint": str(path), "val_top1": top1}
                for path, top1 in zip(args.checkpoints, member_top1, strict=True)]
 
@@ -153,8 +152,7 @@ def _main(args: argparse.Namespace, started: float) -> dict:
     model.load_state_dict(average_state([c["model"] for c in checkpoints]))
     bn_layers, bn_images = 0, 0
     if args.bn_images > 0:
-        subset = train_idx if args.bn_images >= len(train_idx) else \
-            train_idx[stratified_subset(labels[train_idx], args.bn_images, seed)]
+        subset = train_idx[stratified_subset(labels[train_idx], args.bn_images, int(run_args["seed"]))]
         bn_set = load_dataset(run_args["data"], spec, split="train", classes=classes, indices=subset)
         bn_images = len(bn_set)
         bn_layers = recompute_batch_norm(model, torch.from_numpy(bn_set.images), args.batch_size,
@@ -170,11 +168,10 @@ def _main(args: argparse.Namespace, started: float) -> dict:
     average = {"members": members, "val_top1": top1, "gain_over_best_member_pt": 100 * (top1 - best),
                "bn_layers": bn_layers, "bn_images": bn_images,
                "command": "python -m training.average " + shlex.join(sys.argv[1:])}
-    history = list(last["history"])
-    torch.save({**last, "model": model.state_dict(), "meta": meta, "average": average}, out / "checkpoint.pth")
+    torch.save({**last, "model": model.state_dict(), "average": average}, out / "checkpoint.pth")
     source_run = args.checkpoints[-1].parent
     run = json.loads((source_run / "run.json").read_text()) if (source_run / "run.json").exists() else {
-        "command": "", "args": run_args, "meta": meta, "history": history}
+        "command": "", "args": run_args, "meta": meta, "history": last["history"]}
     run.update({"val_top1": top1, "average": average, "train_images": len(train_idx), "val_images": len(val)})
     if (source_run / "curves.png").exists():
         shutil.copyfile(source_run / "curves.png", out / "curves.png")

@@ -29,7 +29,7 @@ from training.datasets import (
     FASHION_MNIST,
     fashion_mnist_raw,
     load_dataset,
-    run_split,
+    run_split_of,
     source_labels,
     stratified_subset,
 )
@@ -87,7 +87,7 @@ def _validation_images(scored: Scored) -> tuple[np.ndarray, np.ndarray]:
     """The validation split ``training.train`` held out for this run (same data, fraction, seed and limit)."""
     args, classes = scored.run["args"], tuple(scored.meta["classes"])
     labels, _ = source_labels(args["data"], "train", classes)
-    _, val_idx = run_split(labels, float(args["val_fraction"]), int(args["seed"]), limit_val=int(args["limit_val"]))
+    _, val_idx = run_split_of(labels, args)
     val = load_dataset(args["data"], scored.spec, split="train", classes=classes, indices=val_idx)
     return val.images, val.labels
 

@@ -12,6 +12,7 @@ import gzip
 import logging
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,6 +196,13 @@ def run_split(labels: np.ndarray, val_fraction: float, seed: int, limit_train: i
     if limit_val:
         val_idx = val_idx[stratified_subset(labels[val_idx], limit_val, seed)]
     return train_idx, val_idx
+
+
+def run_split_of(labels: np.ndarray, args: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`run_split` with the split arguments a run recorded (the ``args`` of its ``run.json`` or checkpoint,
+    stored as strings), so every later step rebuilds the split from one reading of them."""
+    return run_split(labels, float(args["val_fraction"]), int(args["seed"]), int(args["limit_train"]),
+                     int(args["limit_val"]))
 
 
 def stratified_subset(labels: np.ndarray, count: int, seed: int) -> np.ndarray:

@@ -35,7 +35,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from training import inference
-from training.datasets import FASHION_MNIST, load_dataset, run_split, source_labels, stratified_subset
+from training.datasets import FASHION_MNIST, load_dataset, run_split_of, source_labels, stratified_subset
 from training.evaluate import load_run
 from training.metrics import top_k_accuracy
 from training.onnx_export import INPUT_NAME
@@ -218,9 +218,10 @@ def main(args: argparse.Namespace) -> dict:
 
     source = meta.get("data", FASHION_MNIST)
     labels, _ = source_labels(source, "train", classes)
-    split = run.get("args", {})  # calibrate on the run's own training split, never on its validation images
-    train_idx, _ = run_split(labels, float(split.get("val_fraction", 0.1)), int(split.get("seed", 0)),
-                             int(split.get("limit_train", 0)))
+    # Calibrate on the run's own training split, never on its validation images (training.train's defaults for a
+    # run that recorded no arguments).
+    train_idx, _ = run_split_of(labels, {"val_fraction": "0.1", "seed": "0", "limit_train": "0", "limit_val": "0",
+                                         **run.get("args", {})})
     pick = train_idx[stratified_subset(labels[train_idx], args.calibration_count, 1)]
     calibration = load_dataset(source, spec, split="train", classes=classes, indices=pick).images
 
