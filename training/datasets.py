@@ -31,6 +31,8 @@ FASHION_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_PIXELS = 64 * 1024 * 1024
+# training.train's split arguments by default: one place, for its CLI and for reading a run that recorded none.
+SPLIT_DEFAULTS = {"val_fraction": 0.1, "seed": 0, "limit_train": 0, "limit_val": 0}
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,7 @@ def run_split(labels: np.ndarray, val_fraction: float, seed: int, limit_train: i
     return train_idx, val_idx
 
 
-def run_split_of(labels: np.ndarray, args: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray]:
+def run_split_of(labels: np.ndarray, args: Mapping[str, str | float]) -> tuple[np.ndarray, np.ndarray]:
     """:func:`run_split` with the split arguments a run recorded (the ``args`` of its ``run.json`` or checkpoint,
     stored as strings), so every later step rebuilds the split from one reading of them."""
     return run_split(labels, float(args["val_fraction"]), int(args["seed"]), int(args["limit_train"]),

@@ -35,7 +35,14 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from training import inference
-from training.datasets import FASHION_MNIST, load_dataset, run_split_of, source_labels, stratified_subset
+from training.datasets import (
+    FASHION_MNIST,
+    SPLIT_DEFAULTS,
+    load_dataset,
+    run_split_of,
+    source_labels,
+    stratified_subset,
+)
 from training.evaluate import load_run
 from training.metrics import top_k_accuracy
 from training.onnx_export import INPUT_NAME
@@ -220,8 +227,7 @@ def main(args: argparse.Namespace) -> dict:
     labels, _ = source_labels(source, "train", classes)
     # Calibrate on the run's own training split, never on its validation images (training.train's defaults for a
     # run that recorded no arguments).
-    train_idx, _ = run_split_of(labels, {"val_fraction": "0.1", "seed": "0", "limit_train": "0", "limit_val": "0",
-                                         **run.get("args", {})})
+    train_idx, _ = run_split_of(labels, {**SPLIT_DEFAULTS, **run.get("args", {})})
     pick = train_idx[stratified_subset(labels[train_idx], args.calibration_count, 1)]
     calibration = load_dataset(source, spec, split="train", classes=classes, indices=pick).images
 

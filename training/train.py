@@ -37,7 +37,7 @@ from torch import nn
 
 from training import plots
 from training.augment import Augment
-from training.datasets import FASHION_MNIST, load_dataset, run_split, source_labels
+from training.datasets import FASHION_MNIST, SPLIT_DEFAULTS, load_dataset, run_split, source_labels
 from training.engine import predict, train_one_epoch
 from training.metrics import top_k_accuracy
 from training.models import ARCHS, backbone_parameters, build_model, count_macs, features_of, load_checkpoint
@@ -59,12 +59,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     data.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE,
                       help="config.pbtxt whose 'image' dims and preprocess.* parameters define the input "
                            "(default: %(default)s)")
-    data.add_argument("--val-fraction", type=float, default=0.1,
+    data.add_argument("--val-fraction", type=float, default=SPLIT_DEFAULTS["val_fraction"],
                       help="stratified share of the training data held out for validation (default: %(default)s)")
-    data.add_argument("--limit-train", type=int, default=0,
+    data.add_argument("--limit-train", type=int, default=SPLIT_DEFAULTS["limit_train"],
                       help="use only N training images, spread over the classes; 0 = all (default: %(default)s)")
-    data.add_argument("--limit-val", type=int, default=0, help="use only N validation images; 0 = all "
-                                                                  "(default: %(default)s)")
+    data.add_argument("--limit-val", type=int, default=SPLIT_DEFAULTS["limit_val"],
+                      help="use only N validation images; 0 = all (default: %(default)s)")
     model = parser.add_argument_group("model")
     model.add_argument("--arch", choices=list(ARCHS), default="seed_cnn", help="(default: %(default)s)")
     model.add_argument("--net-size", type=int, default=112,
@@ -107,7 +107,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                      help="CPU threads for torch and OpenCV; 1 keeps a shared 2-core machine usable, raise it on a "
                           "dedicated one (default: %(default)s)")
     run.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
-    run.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    run.add_argument("--seed", type=int, default=SPLIT_DEFAULTS["seed"], help="(default: %(default)s)")
     run.add_argument("--deterministic", action="store_true", help="use only deterministic algorithms (slower on GPU)")
     run.add_argument("--output-dir", type=Path, default=Path("runs") / "train", help="(default: %(default)s)")
     run.add_argument("--resume", type=Path, default=None, help="checkpoint.pth to continue from")
