@@ -44,15 +44,15 @@ $(IMAGENET_MODEL): training/export_imagenet.py training/onnx_export.py $(STAMP)
 	$(PY) -m training.export_imagenet --repository model_repository
 
 run: setup ## start Triton + preprocess + gateway on loopback, classify a sample, serve until Ctrl-C
-	$(PY) -m services.stack $(RUN_ARGS)
+	$(PY) -m devstack.stack $(RUN_ARGS)
 
 test: setup ## run the whole test suite (starts every server it needs)
 	$(PY) -m pytest $(PYTEST_ARGS) tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 lint: venv protos ## ruff + mypy
-	$(VENV)/bin/ruff check services training tests tools bench
-	$(VENV)/bin/mypy services training tools bench
+	$(VENV)/bin/ruff check services devstack training tests tools bench
+	$(VENV)/bin/mypy services devstack training tools bench
 
 clean: ## remove generated files (keeps .venv)
 	rm -rf gen .cache .pytest_cache $(IMAGENET_MODEL)

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 from google.protobuf import json_format
 
-from services.stack import sample_photo
+from devstack.stack import sample_photo
 
 LOG = logging.getLogger("ghz_data")
 REPO_ROOT = Path(__file__).resolve().parents[1]

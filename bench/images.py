@@ -15,7 +15,7 @@ import numpy as np
 
 from services.common.spec import Spec
 from services.preprocess.imaging import preprocess
-from services.stack import REPO_ROOT, sample_photo
+from devstack.stack import REPO_ROOT, sample_photo
 
 # CC0 / public-domain photos shipped in scikit-image and scikit-learn.
 PHOTOS = ("coffee.png", "chelsea.png", "astronaut.png", "rocket.jpg", "china.jpg", "flower.jpg")

@@ -23,7 +23,7 @@ from typing import Any
 import cv2
 
 from bench.loadgen import GrpcTarget, classify_payloads_from_bytes, closed_loop, describe, open_loop, summarize
-from services.stack import Ports, Stack, sample_photo
+from devstack.stack import Ports, Stack, sample_photo
 
 LOG = logging.getLogger("overload")
 CALL = "shopvision.v1.ProductRecognition.Classify"

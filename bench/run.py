@@ -50,7 +50,7 @@ from bench.loadgen import (
 )
 from bench.procstat import model_counters, scrape, self_cpu_seconds, session_cpu_seconds
 from bench.targets import NaivePeer, TritonTarget
-from services.stack import REPO_ROOT, Ports, Stack
+from devstack.stack import REPO_ROOT, Ports, Stack
 
 LOG = logging.getLogger("bench")
 ENSEMBLE = "efficientnet_lite0_imagenet"

@@ -18,7 +18,7 @@ import cv2
 
 from bench.loadgen import GrpcTarget, classify_payloads_from_bytes, closed_loop, describe, summarize
 from bench.overload import CALL, MemorySampler, report_on_private_stack, rss_bytes
-from services.stack import Stack, sample_photo
+from devstack.stack import Stack, sample_photo
 
 LOG = logging.getLogger("soak")
 PHOTOS = ("coffee.png", "chelsea.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 
-from services.stack import REPO_ROOT, Stack, free_port
+from devstack.stack import REPO_ROOT, Stack, free_port
 
 CHANNEL_ARGS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024)]

@@ -11,7 +11,7 @@ import onnxruntime  # noqa: F401
 import pytest
 from shopvision.v1 import recognition_pb2_grpc
 
-from services.stack import Ports, Stack, sample_photo
+from devstack.stack import Ports, Stack, sample_photo
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ title, a unit and its PromQL queries. The committed JSON must equal this script'
 
 Every dashboard imports cleanly into any Grafana (9.x onwards): a ``${datasource}`` variable (no
 hard-coded data source uid), a ``namespace`` variable (the ``namespace`` label that the
-prometheus-operator monitors and ``services/prometheus_local.py`` put on every target) and, where models
+prometheus-operator monitors and ``devstack/prometheus_local.py`` put on every target) and, where models
 matter, a multi-value ``model`` variable. Scrape jobs are named ``gateway``, ``preprocess`` and ``triton``.
 
 Panels whose description starts with :data:`GPU_ONLY` query only Triton's GPU metrics, which a

@@ -39,6 +39,10 @@ class NotFound(ShopvisionError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class AlreadyExists(ShopvisionError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class Overloaded(ShopvisionError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

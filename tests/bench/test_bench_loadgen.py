@@ -19,7 +19,7 @@ from bench.loadgen import (
     parse_go_duration,
     summarize,
 )
-from services.stack import REPO_ROOT, Stack, free_port
+from devstack.stack import REPO_ROOT, Stack, free_port
 from tests.conftest import photo_bytes
 
 CALL = "shopvision.v1.ProductRecognition.Classify"

@@ -117,8 +117,8 @@ def test_image_runs_the_entry_point_as_the_pod_user(service: str) -> None:
     cmd = [args for op, args in ops if op == "CMD"]
     assert cmd == [f'["python", "-m", "services.{service}"]']
     assert (REPO_ROOT / "services" / service / "__main__.py").is_file()
-    # services/stack.py, which every integration test uses, starts the same module.
-    assert '[sys.executable, "-m", f"services.{name}"]' in (REPO_ROOT / "services" / "stack.py").read_text()
+    # devstack/stack.py, which every integration test uses, starts the same module.
+    assert '[sys.executable, "-m", f"services.{name}"]' in (REPO_ROOT / "devstack" / "stack.py").read_text()
     user = [args for op, args in ops if op == "USER"]
     assert len(user) == 1 and re.fullmatch(r"[1-9]\d*:[1-9]\d*", user[0]), "numeric non-root USER"
     for overlay in ("cpu", "gpu"):

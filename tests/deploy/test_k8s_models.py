@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from k8s_manifests import K8S, REPO_ROOT, config_map_by_prefix, container, container_env, find, load_tool, render
 
-from services.stack import Ports
+from devstack.stack import Ports
 from services.triton.config import TritonConfig
 from services.triton.launcher import command, environment, prepare_backend_directory
 

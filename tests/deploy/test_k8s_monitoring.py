@@ -11,7 +11,7 @@ import pytest
 import yaml
 from k8s_manifests import K8S, REPO_ROOT, find, labels_match, load_tool, of_kind, render
 
-from services.prometheus_local import JOBS
+from devstack.prometheus_local import JOBS
 
 MONITORING = K8S / "components" / "monitoring"
 DASHBOARDS = MONITORING / "dashboards"

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from k8s_manifests import container, find, render
 
 from services.common.grpc_server import LIVENESS_SERVICE
-from services.stack import Ports, Stack
+from devstack.stack import Ports, Stack
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -9,7 +9,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shopvision.v1 import preprocess_pb2, preprocess_pb2_grpc
 
-from services.stack import Stack
+from devstack.stack import Stack
 from tests.fuzz.make_corpus import corpus
 
 CORPUS = Path(__file__).resolve().parent / "corpus"

@@ -21,7 +21,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 from services.common.errors import InvalidInput
 from services.common.spec import Spec
 from services.preprocess.imaging import preprocess
-from services.stack import REPO_ROOT
+from devstack.stack import REPO_ROOT
 from tests.fuzz.seeds import flat_png, seeds
 
 MAX_PIXELS = 4_000_000

@@ -12,7 +12,7 @@ from shopvision.v1 import recognition_pb2
 
 from services.common.spec import Spec
 from services.preprocess.imaging import preprocess
-from services.stack import REPO_ROOT
+from devstack.stack import REPO_ROOT
 from tests.conftest import photo_bytes
 from tests.images import animated_gif, encode, gradient, png_bomb
 from tests.metrics_util import scrape, value

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.prometheus_local import LocalPrometheus, PrometheusError
+from devstack.prometheus_local import LocalPrometheus, PrometheusError
 from tools.dashboards import GPU_ONLY, OUT_DIR
 
 DASHBOARD_FILES = sorted(OUT_DIR.glob("*.json"))

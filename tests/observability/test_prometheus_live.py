@@ -26,8 +26,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
 
-from services.prometheus_local import RULES_FILE, LocalPrometheus, prometheus_binary, scrape_targets
-from services.stack import REPO_ROOT, Stack, free_port
+from devstack.prometheus_local import RULES_FILE, LocalPrometheus, prometheus_binary, scrape_targets
+from devstack.stack import REPO_ROOT, Stack, free_port
 from tests.conftest import photo_bytes
 from tests.observability.promql import (
     load_dashboards,

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
 
-from services.stack import Ports, Stack
+from devstack.stack import Ports, Stack
 from tests.conftest import photo_bytes
 
 pytestmark = pytest.mark.stack

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.prometheus_local import RULES_FILE
+from devstack.prometheus_local import RULES_FILE
 from tests.observability.promql import rules_file_names
 
 RULES_TESTS = RULES_FILE.with_name("shopvision.rules.test.yml")

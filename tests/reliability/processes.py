@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
 
-from services.stack import REPO_ROOT, Stack, free_port
+from devstack.stack import REPO_ROOT, Stack, free_port
 
 REQUEST_ID_KEY = "x-request-id"
 

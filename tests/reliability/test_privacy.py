@@ -21,7 +21,7 @@ from shopvision.v1 import preprocess_pb2, preprocess_pb2_grpc, recognition_pb2, 
 
 from services.common.spec import Spec
 from services.preprocess.imaging import preprocess
-from services.stack import REPO_ROOT, Stack
+from devstack.stack import REPO_ROOT, Stack
 from tests.conftest import photo_bytes
 from tests.images import encode
 

@@ -16,7 +16,7 @@ from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
 
 from services.common.config import ConfigError
 from services.gateway.config import GatewayConfig
-from services.stack import Ports, Stack
+from devstack.stack import Ports, Stack
 from tests.conftest import photo_bytes
 from tests.metrics_util import scrape, value
 from tests.reliability.certs import CertificateAuthority

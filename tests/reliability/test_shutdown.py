@@ -22,7 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shopvision.v1 import preprocess_pb2, preprocess_pb2_grpc, recognition_pb2, recognition_pb2_grpc
 
-from services.stack import Ports, Stack
+from devstack.stack import Ports, Stack
 from tests.conftest import photo_bytes
 from tests.images import encode, gradient
 from tests.metrics_util import scrape, value

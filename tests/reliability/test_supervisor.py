@@ -1,4 +1,4 @@
-"""``make run`` heals: a crashed service is restarted with backoff and logged (services/supervisor.py)."""
+"""``make run`` heals: a crashed service is restarted with backoff and logged (devstack/supervisor.py)."""
 from __future__ import annotations
 
 import os
@@ -12,8 +12,8 @@ from pathlib import Path
 import grpc
 from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
 
-from services.stack import REPO_ROOT, Ports, Stack
-from services.supervisor import Backoff, Supervisor
+from devstack.stack import REPO_ROOT, Ports, Stack
+from devstack.supervisor import Backoff, Supervisor
 from tests.conftest import photo_bytes
 from tests.reliability.processes import wait_for
 
@@ -78,7 +78,7 @@ def test_make_run_restarts_crashed_services(tmp_path: Path) -> None:
     flags = [f"--{name.replace('_', '-')}-port={port}" for name, port in vars(ports).items()]
     log = tmp_path / "stack.log"
     with open(log, "wb") as out:
-        stack = subprocess.Popen([sys.executable, "-m", "services.stack", "--no-smoke", "--restart-backoff=0.5",
+        stack = subprocess.Popen([sys.executable, "-m", "devstack.stack", "--no-smoke", "--restart-backoff=0.5",
                                   f"--log-dir={tmp_path}", *flags], cwd=REPO_ROOT, stdout=out,
                                  stderr=subprocess.STDOUT, start_new_session=True)
     probe = Stack(ports=ports)

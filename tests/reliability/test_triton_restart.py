@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.stack import REPO_ROOT, Ports, Stack, free_port
+from devstack.stack import REPO_ROOT, Ports, Stack, free_port
 from tests.conftest import photo_bytes
 from tests.metrics_util import scrape, value
 from tests.reliability.processes import Load, wait_for

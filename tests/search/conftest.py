@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.stack import Stack
+from devstack.stack import Stack
 from tests.search.gateways import CATALOG_SIZE, QUERY_COUNT, PrivateGateway
 from tools.catalog import CatalogItem, read_catalog
 

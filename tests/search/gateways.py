@@ -11,7 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-from services.stack import Stack, free_port
+from devstack.stack import Stack, free_port
 
 CATALOG_SIZE = 200  # Fashion-MNIST training images, 20 per class
 QUERY_COUNT = 50  # Fashion-MNIST test images, 5 per class

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.stack import REPO_ROOT, Stack
+from devstack.stack import REPO_ROOT, Stack
 from tests.conftest import photo_bytes
 from tools import categorize
 from tools.catalog import read_catalog

@@ -14,7 +14,7 @@ import pytest
 from shopvision.v1 import recognition_pb2
 
 from services.gateway.search.index import l2_normalise
-from services.stack import Stack
+from devstack.stack import Stack
 from tests.search.gateways import PrivateGateway
 from tools import index_catalog
 from tools.catalog import CatalogItem, read_catalog

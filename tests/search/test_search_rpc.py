@@ -14,7 +14,7 @@ import grpc
 import pytest
 from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
 
-from services.stack import Stack
+from devstack.stack import Stack
 from tests.conftest import photo_bytes
 from tests.search.gateways import CATALOG_SIZE, PrivateGateway
 from tools import index_catalog

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
 
-from services.stack import Ports, Stack
+from devstack.stack import Ports, Stack
 from training import publish
 from training.catalog import render
 from training.datasets import FASHION_LABELS, fashion_mnist_raw, stratified_subset

@@ -9,7 +9,7 @@ import pytest
 from services.common.config import ConfigError, split_address
 from services.gateway.config import GatewayConfig
 from services.preprocess.config import PreprocessConfig
-from services.stack import REPO_ROOT
+from devstack.stack import REPO_ROOT
 from services.triton.config import TritonConfig
 from services.triton.launcher import command
 

@@ -1,6 +1,6 @@
 """Keep the local stack running: a service that exits is started again, with backoff, and logged.
 
-``make run`` (``python -m services.stack``) runs a :class:`Supervisor` over its :class:`~services.stack.Stack`,
+``make run`` (``python -m devstack.stack``) runs a :class:`Supervisor` over its :class:`~devstack.stack.Stack`,
 so a crashed Triton, preprocess or gateway heals the way a Kubernetes pod with ``restartPolicy: Always``
 does: the first restart after ``initial_s``, each further one twice as late (up to ``max_s``), and
 the delay starts over once a process has stayed up for ``reset_after_s``.

@@ -1,6 +1,6 @@
 """Run the whole stack on loopback: Triton (from the nvidia-pytriton wheel), preprocess and gateway.
 
-    python -m services.stack [--no-smoke] [--gateway-port 50051] ...
+    python -m devstack.stack [--no-smoke] [--gateway-port 50051] ...
 
 Used by ``make run`` (foreground until Ctrl-C) and by the integration tests
 (:class:`Stack` on free ports). Each service is a real process started with
@@ -25,7 +25,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.supervisor import Backoff, Supervisor
+from devstack.supervisor import Backoff, Supervisor
 
 LOG = logging.getLogger("stack")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -250,7 +250,7 @@ def main(args: argparse.Namespace) -> None:
               + (f"  logs        {log_dir}/{{triton,preprocess,gateway}}.log\n" if log_dir else ""),
               flush=True)
         if args.prometheus:
-            from services.prometheus_local import LocalPrometheus, scrape_targets
+            from devstack.prometheus_local import LocalPrometheus, scrape_targets
 
             prometheus = LocalPrometheus(scrape_targets(ports.gateway_metrics, ports.preprocess_metrics,
                                                         ports.triton_metrics), port=args.prometheus_port,
@@ -260,7 +260,7 @@ def main(args: argparse.Namespace) -> None:
         if not args.no_smoke and not stack.gateway_tls:
             print("smoke check: " + smoke_check(stack.gateway_address, sample_photo()), flush=True)
         print("serving; press Ctrl-C to stop", flush=True)
-        # Heal like a pod: a service that exits is started again with backoff (services/supervisor.py).
+        # Heal like a pod: a service that exits is started again with backoff (devstack/supervisor.py).
         Supervisor(stack, backoff=Backoff(initial_s=args.restart_backoff)).run(threading.Event())
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)

@@ -1,8 +1,8 @@
 """A real Prometheus on loopback that scrapes a running stack and evaluates the shopvision rules.
 
-    python -m services.prometheus_local [--port 9090] [--gateway-metrics-port 9101] ...
+    python -m devstack.prometheus_local [--port 9090] [--gateway-metrics-port 9101] ...
 
-Used by ``python -m services.stack --prometheus`` (``make run RUN_ARGS=--prometheus``) so a newcomer can
+Used by ``python -m devstack.stack --prometheus`` (``make run RUN_ARGS=--prometheus``) so a newcomer can
 open the Prometheus UI beside the stack, and by ``tests/observability`` to prove that every dashboard
 query and every recording rule has data. The binary is Debian's ``prometheus`` (``make deps``).
 
