@@ -13,9 +13,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from devstack.stack import REPO_ROOT, sample_photo
 from services.common.spec import Spec
 from services.preprocess.imaging import preprocess
-from devstack.stack import REPO_ROOT, sample_photo
 
 # CC0 / public-domain photos shipped in scikit-image and scikit-learn.
 PHOTOS = ("coffee.png", "chelsea.png", "astronaut.png", "rocket.jpg", "china.jpg", "flower.jpg")

@@ -14,8 +14,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from k8s_manifests import container, find, render
 
-from services.common.grpc_server import LIVENESS_SERVICE
 from devstack.stack import Ports, Stack
+from services.common.grpc_server import LIVENESS_SERVICE
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
+from devstack.stack import REPO_ROOT
 from services.common.errors import InvalidInput
 from services.common.spec import Spec
 from services.preprocess.imaging import preprocess
-from devstack.stack import REPO_ROOT
 from tests.fuzz.seeds import flat_png, seeds
 
 MAX_PIXELS = 4_000_000

@@ -10,9 +10,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shopvision.v1 import recognition_pb2
 
+from devstack.stack import REPO_ROOT
 from services.common.spec import Spec
 from services.preprocess.imaging import preprocess
-from devstack.stack import REPO_ROOT
 from tests.conftest import photo_bytes
 from tests.images import animated_gif, encode, gradient, png_bomb
 from tests.metrics_util import scrape, value

@@ -19,9 +19,9 @@ import numpy as np
 from google.protobuf import text_encoding
 from shopvision.v1 import preprocess_pb2, preprocess_pb2_grpc, recognition_pb2, recognition_pb2_grpc
 
+from devstack.stack import REPO_ROOT, Stack
 from services.common.spec import Spec
 from services.preprocess.imaging import preprocess
-from devstack.stack import REPO_ROOT, Stack
 from tests.conftest import photo_bytes
 from tests.images import encode
 

@@ -14,9 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
 
+from devstack.stack import Ports, Stack
 from services.common.config import ConfigError
 from services.gateway.config import GatewayConfig
-from devstack.stack import Ports, Stack
 from tests.conftest import photo_bytes
 from tests.metrics_util import scrape, value
 from tests.reliability.certs import CertificateAuthority

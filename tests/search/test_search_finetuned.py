@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from shopvision.v1 import recognition_pb2
 
-from services.gateway.search.index import l2_normalise
 from devstack.stack import Stack
+from services.gateway.search.index import l2_normalise
 from tests.search.gateways import PrivateGateway
 from tools import index_catalog
 from tools.catalog import CatalogItem, read_catalog

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
+from devstack.stack import REPO_ROOT
 from services.common.config import ConfigError, split_address
 from services.gateway.config import GatewayConfig
 from services.preprocess.config import PreprocessConfig
-from devstack.stack import REPO_ROOT
 from services.triton.config import TritonConfig
 from services.triton.launcher import command
 
