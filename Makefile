@@ -82,12 +82,13 @@ loadtest: ## run ghz with bench/ghz/ configs against `make run` (127.0.0.1:50051
 
 # --- Kubernetes (deploy/README.md) -------------------------------------------------------------------------------
 # make images REGISTRY=ghcr.io/acme [TAG=...]; make models-push MODELS_URL=s3://bucket/prefix/VERSION
-# make deploy REGISTRY=... MODELS_URL=... [OVERLAY=cpu|gpu] [COMPONENTS="monitoring network-policy"]
+# make deploy REGISTRY=... MODELS_URL=... [OVERLAY=cpu|gpu] [COMPONENTS="monitoring network-policy postgres"]
+# (a managed catalog database: external-postgres instead of postgres; deploy/README.md)
 # make deploy DRY_RUN=1 [OVERLAY=gpu]: print the manifests, no cluster needed.
 REGISTRY ?=
 TAG ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 OVERLAY ?= cpu
-COMPONENTS ?= monitoring network-policy
+COMPONENTS ?= monitoring network-policy postgres
 MODELS_URL ?=
 S3_ENDPOINT ?=
 DRY_RUN ?=
@@ -124,8 +125,8 @@ deploy: ## apply OVERLAY (cpu|gpu) + COMPONENTS and wait for every rollout; DRY_
 	$(K8S_RENDER) > $(K8S_MANIFESTS); \
 	echo "applying $(K8S_MANIFESTS) (overlay $(OVERLAY), components: $(or $(COMPONENTS),none))"; \
 	$(KUBECTL) apply --server-side --force-conflicts --field-manager=shopvision -f $(K8S_MANIFESTS); \
-	for deployment in $$($(KUBECTL) get -f $(K8S_MANIFESTS) -o name | grep '^deployment'); do \
-	  $(KUBECTL) -n $(K8S_NAMESPACE) rollout status $$deployment --timeout=$(ROLLOUT_TIMEOUT); \
+	for workload in $$($(KUBECTL) get -f $(K8S_MANIFESTS) -o name | grep -E '^(deployment|statefulset)'); do \
+	  $(KUBECTL) -n $(K8S_NAMESPACE) rollout status $$workload --timeout=$(ROLLOUT_TIMEOUT); \
 	done
 
 undeploy: ## delete everything `make deploy` applied (same OVERLAY and COMPONENTS)
@@ -195,8 +196,8 @@ overload: setup ## offer 3x capacity to a private stack: shed ratio, accepted p9
 soak: setup ## 5 minutes of steady load on a private stack: errors and RSS per window -> .cache/soak.json
 	$(PY) -m bench.soak --output .cache/soak.json
 
-# -- similar-product search (issue 7): ANN choice and search quality on Fashion-MNIST (not in CI) ---------------------
+# -- the shared catalog (PostgreSQL + pgvector) through the stack: indexing rate, recall vs exact, latency ----------
 .PHONY: search-bench
-SEARCH_BENCH_ARGS ?= --model fashion_effnet --train 60000 --test 10000 --catalog-size 0
-search-bench: setup ## ANN recall@10 / latency vs exact, precision@10 on all 60k/10k with the fine-tuned embedding (~15 min)
-	$(PY) -m tools.search_bench --output .cache/search-bench.json $(SEARCH_BENCH_ARGS)
+SEARCH_BENCH_ARGS ?=
+search-bench: setup ## all 60k Fashion-MNIST products through a private stack: img/s, recall@10, p99 -> docs/SEARCH.md
+	$(PY) -m bench.search_bench $(SEARCH_BENCH_ARGS)

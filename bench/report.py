@@ -280,12 +280,12 @@ def _size_plot(results: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
-def write_section(doc: Path, section: str) -> None:
+def write_section(doc: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
     """Replace the text between the markers in ``doc`` (append the section when they are missing)."""
     text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
         text = head + section.rstrip("\n") + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section

@@ -78,16 +78,28 @@ class Plan:
                    args.warmup, args.naive_workers)
 
 
-def machine_info() -> dict[str, Any]:
-    model = ""
+# The CPU features that decide which kernels ONNX Runtime, OpenCV and pgvector run (recorded with every result).
+RELEVANT_CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                      "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """``model name`` and the relevant ``flags`` of the first CPU in /proc/cpuinfo (empty where unreadable)."""
+    model, flags = "", []  # type: tuple[str, list[str]]
     try:
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), "")
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
+        return model, flags
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    present = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    return model, [flag for flag in RELEVANT_CPU_FLAGS if flag in present]
+
+
+def machine_info() -> dict[str, Any]:
+    model, flags = cpu_model_and_flags()
     import onnxruntime
 
-    return {"nproc": os.cpu_count(), "cpu_model": model, "platform": platform.platform(),
+    return {"nproc": os.cpu_count(), "cpu_model": model, "cpu_flags": flags, "platform": platform.platform(),
             "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "loadavg_start": os.getloadavg()}

@@ -1,13 +1,10 @@
-"""Shared fixtures: the real stack (Triton from the wheel, preprocess, gateway) on free loopback ports."""
+"""Shared fixtures: the real stack (PostgreSQL, Triton from the wheel, preprocess, gateway) on free loopback ports."""
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
-# ONNX Runtime is imported here, before any test module imports usearch (the gateway's search index): importing
-# onnxruntime after usearch 2.26 segfaults in this venv (tools/search_bench.py).
 import grpc
-import onnxruntime  # noqa: F401
 import pytest
 from shopvision.v1 import recognition_pb2_grpc
 
@@ -17,7 +14,8 @@ from devstack.stack import Ports, Stack, sample_photo
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One shared stack for the session. Tests that break services use :func:`make_stack` instead."""
-    running = Stack(ports=Ports.free(), log_dir=tmp_path_factory.mktemp("stack-logs"))
+    running = Stack(ports=Ports.free(), log_dir=tmp_path_factory.mktemp("stack-logs"),
+                    postgres_dir=tmp_path_factory.mktemp("stack-postgres") / "data")
     running.start()
     yield running
     running.stop()
@@ -25,11 +23,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture
 def make_stack(tmp_path: Path) -> Iterator:
-    """Factory for a private stack (own ports, own logs) that the test may kill parts of."""
+    """Factory for a private stack (own ports, logs and PostgreSQL data) that the test may kill parts of."""
     started: list[Stack] = []
 
     def factory(**extra_env: str) -> Stack:
-        private = Stack(ports=Ports.free(), log_dir=tmp_path / f"stack-{len(started)}", extra_env=extra_env)
+        root = tmp_path / f"stack-{len(started)}"
+        private = Stack(ports=Ports.free(), log_dir=root, extra_env=extra_env, postgres_dir=root / "postgres")
         started.append(private)
         return private.start()
 

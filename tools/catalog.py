@@ -12,7 +12,11 @@ A catalog SOURCE is one of
 * ``fashion-mnist:train`` or ``fashion-mnist:test``, optionally ``:N`` for a
   class-balanced subset of N images (Debian package ``dataset-fashion-mnist``),
   each image encoded as PNG; id ``fashion-mnist-<split>-<index>``, category =
-  the class name.
+  the class name, attribute ``tone`` = dark / mid / light by the image's mean
+  brightness (thirds of the training set), so filtered search has real data.
+
+Manifest columns named ``attr.KEY`` become searchable attributes (several
+values separated by ``|``: ``attr.color`` = ``red|blue``).
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ from typing import IO, TypeVar
 
 import grpc
 
+ATTRIBUTE_PREFIX = "attr."
+# Mean-brightness thirds of the Fashion-MNIST training images (33.3rd and 66.7th percentiles: 54.6, 87.3).
+TONE_THRESHOLDS = (54.6, 87.3)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 FASHION_MNIST = "fashion-mnist"
 TOKEN_ENV = "SHOPVISION_TOKEN"
@@ -41,6 +48,7 @@ class CatalogItem:
     metadata: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
     data: bytes | None = None
+    attributes: tuple[tuple[str, str], ...] = ()
 
     def read(self) -> bytes:
         if self.data is not None:
@@ -84,7 +92,11 @@ def manifest_items(manifest: Path) -> list[CatalogItem]:
         product_id = values.pop("product_id", "") or path.with_suffix("").name
         category = values.pop("category", "") or values.pop("label", "")
         values.pop("label", None)
-        items.append(CatalogItem(product_id, category, {k: v for k, v in values.items() if k and v}, path))
+        attributes = tuple((key.removeprefix(ATTRIBUTE_PREFIX), value.strip())
+                           for key in list(values) if key.startswith(ATTRIBUTE_PREFIX)
+                           for value in values.pop(key).split("|") if value.strip())
+        items.append(CatalogItem(product_id, category, {k: v for k, v in values.items() if k and v}, path,
+                                 attributes=attributes))
     return items
 
 
@@ -100,8 +112,10 @@ def fashion_mnist_items(split: str, count: int) -> list[CatalogItem]:
         ok, png = cv2.imencode(".png", images[i])
         if not ok:
             raise RuntimeError(f"cannot encode Fashion-MNIST {split} image {i} as PNG")
+        mean = float(images[i].mean())
+        tone = "dark" if mean < TONE_THRESHOLDS[0] else "mid" if mean < TONE_THRESHOLDS[1] else "light"
         items.append(CatalogItem(f"{FASHION_MNIST}-{split}-{int(i):05d}", FASHION_LABELS[int(labels[i])],
-                                 {"source": FASHION_MNIST}, data=png.tobytes()))
+                                 {"source": FASHION_MNIST}, data=png.tobytes(), attributes=(("tone", tone),)))
     return items
 
 

@@ -1,6 +1,6 @@
 """Index a product catalog for similar-product search through the running gateway (one IndexProduct per image).
 
-    python -m tools.index_catalog SOURCE [--gateway 127.0.0.1:50051] [--concurrency 8]
+    python -m tools.index_catalog SOURCE [--catalog NAME] [--model MODEL] [--gateway 127.0.0.1:50051]
 
 SOURCE is a folder of images, a CSV manifest or fashion-mnist:SPLIT[:N] (see
 tools/catalog.py). A folder's sub-folder or the manifest's ``category`` column
@@ -10,9 +10,12 @@ Resumable: each indexed product id is appended to the state file, and a rerun
 skips the ids listed there (``--restart`` forgets them). Failures go to
 ``<state>.errors.jsonl``; the command exits 1 when any item failed.
 
-After a model version change, re-embed the catalog: start the gateway on an
-empty ``GATEWAY_SEARCH_DIR`` (with ``GATEWAY_SEARCH_MODEL_VERSION`` set to the
-new version) and run this command again with ``--restart``.
+The catalog (default ``default``) is created on first use, bound to ``--model``
+(default: the gateway's GATEWAY_SEARCH_MODEL; ``fashion_effnet`` for a
+fashion-mnist source, whose fine-tuned embedding finds look-alikes far better
+than the ImageNet one). Every gateway replica serves the same catalog from
+PostgreSQL. After a new version of the catalog's model is published, move the
+catalog to it with ``python -m tools.reembed --catalog NAME`` (no re-upload).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from pathlib import Path
 from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
 
 from tools.catalog import (
+    FASHION_MNIST,
     CatalogItem,
     RunStats,
     add_connection_arguments,
@@ -47,16 +51,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("source", help="image folder, CSV manifest, or fashion-mnist:train[:N] / test[:N]")
     add_connection_arguments(parser)
     parser.add_argument("--state", type=Path, default=None,
-                        help=f"resume file of indexed ids (default: {STATE_DIR}/<source>@<gateway>.jsonl)")
+                        help=f"resume file of indexed ids (default: {STATE_DIR}/<source>@<gateway>#<catalog>.jsonl)")
     parser.add_argument("--restart", action="store_true", help="forget the resume file and index everything")
+    parser.add_argument("--catalog", default="default", help="catalog to index into (default: %(default)s)")
+    parser.add_argument("--model", default=None,
+                        help="embedding model of a catalog this run creates (default: fashion_effnet for a "
+                             "fashion-mnist source, else the gateway's GATEWAY_SEARCH_MODEL)")
     parser.add_argument("--predict-category", action="store_true",
                         help="do not send the catalog's category: store the model's prediction instead")
     return parser
 
 
-def default_state(source: str, gateway: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{source.rstrip('/')}@{gateway}").strip("_")
+def default_state(source: str, gateway: str, catalog: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{source.rstrip('/')}@{gateway}#{catalog}").strip("_")
     return STATE_DIR / f"{slug}.jsonl"
+
+
+def default_model(source: str) -> str:
+    """``fashion_effnet`` for Fashion-MNIST sources, else empty (the gateway's GATEWAY_SEARCH_MODEL)."""
+    return "fashion_effnet" if source.startswith(FASHION_MNIST) else ""
 
 
 def read_done(state: Path) -> set[str]:
@@ -76,6 +89,7 @@ async def index_all(args: argparse.Namespace, items: list[CatalogItem], state: P
     errors_path = state.with_suffix(".errors.jsonl")
     metadata = call_metadata(args.token)
     catalog_size = 0
+    model = default_model(args.source) if args.model is None else args.model
     async with open_channel(args.gateway, args.ca_cert) as channel:
         stub = recognition_pb2_grpc.ProductRecognitionStub(channel)
         with open(state, "a") as done_file, open(errors_path, "w") as errors_file:
@@ -86,8 +100,10 @@ async def index_all(args: argparse.Namespace, items: list[CatalogItem], state: P
                 if item.category and not args.predict_category:
                     product_metadata["category"] = item.category
                 try:
-                    request = recognition_pb2.IndexProductRequest(product_id=item.product_id, image=item.read(),
-                                                                  metadata=product_metadata)
+                    request = recognition_pb2.IndexProductRequest(
+                        product_id=item.product_id, image=item.read(), metadata=product_metadata,
+                        catalog=args.catalog, model=model,
+                        attributes=[recognition_pb2.Attribute(key=k, value=v) for k, v in item.attributes])
                     reply = await with_retries(lambda: stub.IndexProduct(request, timeout=args.timeout,
                                                                          metadata=metadata), args.retries)
                 except Exception as error:
@@ -95,7 +111,8 @@ async def index_all(args: argparse.Namespace, items: list[CatalogItem], state: P
                     raise
                 catalog_size = max(catalog_size, reply.catalog_size)
                 done_file.write(json.dumps({"product_id": item.product_id, "label": reply.label,
-                                            "replaced": reply.replaced,
+                                            "replaced": reply.replaced, "catalog": reply.catalog,
+                                            "near_duplicates": [d.product_id for d in reply.near_duplicates],
                                             "model_version": reply.model_version}) + "\n")
                 done_file.flush()
 
@@ -109,7 +126,7 @@ async def index_all(args: argparse.Namespace, items: list[CatalogItem], state: P
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     items = read_catalog(args.source, args.limit)
-    state = args.state or default_state(args.source, args.gateway)
+    state = args.state or default_state(args.source, args.gateway, args.catalog)
     if args.restart:
         state.unlink(missing_ok=True)
     done = read_done(state)
@@ -117,8 +134,8 @@ def main(args: argparse.Namespace) -> int:
     LOG.info("%d products in %s; %d already indexed (resume file %s); %d to index",
              len(items), args.source, len(items) - len(todo), state, len(todo))
     stats, catalog_size = asyncio.run(index_all(args, todo, state))
-    LOG.info("indexed %d, failed %d in %.1f s: %.1f images/s; the gateway's catalog holds %s products",
-             stats.done, stats.failed, stats.seconds, stats.per_second, catalog_size or "?")
+    LOG.info("indexed %d, failed %d in %.1f s: %.1f images/s; catalog %s holds %s products",
+             stats.done, stats.failed, stats.seconds, stats.per_second, args.catalog, catalog_size or "?")
     if stats.failed:
         LOG.error("%d items failed: see %s", stats.failed, state.with_suffix(".errors.jsonl"))
     return 1 if stats.failed else 0

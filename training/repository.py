@@ -73,6 +73,7 @@ def classifier_config(model: str, spec: Spec, num_classes: int, embedding_dim: i
     return f"""# {description}
 # Written by `python -m training.publish`. The graph takes uint8 NHWC pixels and
 # normalises them itself; outputs: logits and the embedding before the head.
+# Two versions stay loaded: catalogs embedded by the older one search with it until tools.reembed moves them.
 name: "{classifier_name(model)}"
 backend: "onnxruntime"
 max_batch_size: {max_batch_size}
@@ -85,7 +86,7 @@ output [
 ]
 dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}
 instance_group [ {{ count: {instances} kind: KIND_CPU }} ]
-version_policy: {{ latest: {{ num_versions: 1 }} }}
+version_policy: {{ latest: {{ num_versions: 2 }} }}
 parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{threads}" }} }}
 """
 

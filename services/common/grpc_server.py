@@ -17,11 +17,28 @@ def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
 
 
+def balanced_server_options(max_connection_age_s: float, grace_s: float) -> list[tuple[str, int]]:
+    """Options of a server that clients balance over (round robin over a headless Service's addresses)."""
+    return [
+        # Each connection is closed (GOAWAY, in-flight calls get ``grace_s``) after about ``max_connection_age_s``:
+        # a client reconnects and resolves the name again, so even one that does not renew its channel (the
+        # gateway does, services/gateway/channels.py) reaches replicas added since. New calls move to the new
+        # connection without failing.
+        ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(grace_s * 1000)),
+        # The gateway pings every 10 s, also between calls, to notice a replica that vanished; gRPC's default
+        # policy (one ping per 5 minutes without calls) would answer with GOAWAY "too_many_pings".
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ]
+
+
 def create_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor],
     max_message_bytes: int,
+    extra_options: Sequence[tuple[str, int]] = (),
 ) -> grpc.aio.Server:
-    options = message_size_options(max_message_bytes) + [("grpc.so_reuseport", 0)]
+    options = message_size_options(max_message_bytes) + [("grpc.so_reuseport", 0), *extra_options]
     return grpc.aio.server(interceptors=list(interceptors), options=options)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from services.common.config import ConfigError, env_bool, env_float, env_int, env_str
 
 MiB = 1024 * 1024
+DEFAULT_DATABASE_URL = "postgresql://shopvision@127.0.0.1:55432/shopvision"
 
 
 @dataclass(frozen=True)
@@ -143,32 +144,55 @@ class RetryConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Similar-product search: where the vector index lives and how it searches (see services/gateway/search)."""
+    """The shared product catalog in PostgreSQL + pgvector (services/gateway/catalog). Every replica and every
+    catalog tool reads the same database; nothing about the catalog lives only in a gateway's memory."""
 
-    directory: str
+    # libpq URL; empty disables the catalog RPCs (they answer UNAVAILABLE). The default is the server that
+    # `make run` starts (devstack/postgres.py), so a second gateway started by hand finds the same catalog.
+    database_url: str = field(repr=False)
     model: str
-    model_version: str
-    precision: str
-    ef: int
-    exact_below: int
     max_k: int
-    snapshot_writes: int
+    ef_search: int
+    hnsw_m: int
+    hnsw_ef_construction: int
+    max_scan_tuples: int
+    pool_size: int
+    statement_timeout_ms: int
+    duplicate_threshold: float
+    max_attribute_keys: int
+    max_attribute_values: int
+    max_attribute_chars: int
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.database_url)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SearchConfig:
+        removed = [name for name in ("GATEWAY_SEARCH_DIR", "GATEWAY_SEARCH_PRECISION", "GATEWAY_SEARCH_EXACT_BELOW",
+                                     "GATEWAY_SEARCH_SNAPSHOT_WRITES", "GATEWAY_SEARCH_MODEL_VERSION")
+                   if env_str(name, "", env)]
+        if removed:
+            raise ConfigError(f"{', '.join(removed)}: no longer used. The catalog lives in PostgreSQL "
+                              "(GATEWAY_CATALOG_DATABASE_URL); a catalog serves the version it was embedded with, "
+                              "and python -m tools.reembed moves it to another")
         config = cls(
-            # Empty: the index lives in memory only and is lost at shutdown.
-            directory=env_str("GATEWAY_SEARCH_DIR", "", env),
-            # Empty: GATEWAY_DEFAULT_MODEL. Its ``embedding`` output is what gets indexed.
+            database_url=env_str("GATEWAY_CATALOG_DATABASE_URL", DEFAULT_DATABASE_URL, env),
+            # Embedding model of a catalog created without one. Empty: GATEWAY_DEFAULT_MODEL.
             model=env_str("GATEWAY_SEARCH_MODEL", "", env),
-            # Empty: the version Triton serves when the first product is indexed (then pinned in the index).
-            model_version=env_str("GATEWAY_SEARCH_MODEL_VERSION", "", env),
-            precision=env_str("GATEWAY_SEARCH_PRECISION", "f32", env),
-            ef=env_int("GATEWAY_SEARCH_EF", 64, env, minimum=1),
-            exact_below=env_int("GATEWAY_SEARCH_EXACT_BELOW", 2000, env, minimum=0),
             max_k=env_int("GATEWAY_SEARCH_MAX_K", 100, env, minimum=1),
-            snapshot_writes=env_int("GATEWAY_SEARCH_SNAPSHOT_WRITES", 5000, env, minimum=1),
+            ef_search=env_int("GATEWAY_SEARCH_EF", 200, env, minimum=1),
+            hnsw_m=env_int("GATEWAY_CATALOG_HNSW_M", 16, env, minimum=2),
+            hnsw_ef_construction=env_int("GATEWAY_CATALOG_HNSW_EF_CONSTRUCTION", 128, env, minimum=4),
+            max_scan_tuples=env_int("GATEWAY_CATALOG_MAX_SCAN_TUPLES", 20_000, env, minimum=1),
+            pool_size=env_int("GATEWAY_CATALOG_POOL_SIZE", 8, env, minimum=1),
+            statement_timeout_ms=env_int("GATEWAY_CATALOG_STATEMENT_TIMEOUT_MS", 5_000, env, minimum=1),
+            duplicate_threshold=env_float("GATEWAY_CATALOG_DUPLICATE_THRESHOLD", 0.97, env, minimum=-1.0),
+            max_attribute_keys=env_int("GATEWAY_CATALOG_MAX_ATTRIBUTE_KEYS", 64, env, minimum=1),
+            max_attribute_values=env_int("GATEWAY_CATALOG_MAX_ATTRIBUTE_VALUES", 500, env, minimum=1),
+            max_attribute_chars=env_int("GATEWAY_CATALOG_MAX_ATTRIBUTE_CHARS", 128, env, minimum=1),
         )
-        if config.precision not in ("f16", "f32"):
-            raise ConfigError(f"GATEWAY_SEARCH_PRECISION={config.precision!r} is not f16 or f32")
+        if config.duplicate_threshold > 1.0:
+            raise ConfigError(f"GATEWAY_CATALOG_DUPLICATE_THRESHOLD={config.duplicate_threshold} is above 1 "
+                              "(a cosine similarity)")
         return config

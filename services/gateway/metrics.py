@@ -28,4 +28,3 @@ RATE_LIMITED = Counter("shopvision_gateway_rate_limited_total",
                        "Requests refused with RESOURCE_EXHAUSTED because their caller was over its rate limit")
 AUTH_FAILURES = Counter("shopvision_gateway_auth_failures_total",
                         "Requests refused with UNAUTHENTICATED (missing or unknown bearer token)")
-SEARCH_PRODUCTS = Gauge("shopvision_gateway_search_products", "Products in the similar-product search index")

@@ -1,5 +1,7 @@
-"""Client of the internal preprocess service (one shared channel)."""
+"""Client of the internal preprocess service: one channel, balanced over its replicas (services/gateway/channels.py)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -9,6 +11,7 @@ from shopvision.v1 import preprocess_pb2, preprocess_pb2_grpc
 from services.common.errors import REASON_KEY, DeadlineExceeded, InvalidInput, ShopvisionError, Unavailable
 from services.common.spec import Spec
 from services.gateway import metrics
+from services.gateway.channels import RENEW_EVERY_S, RenewingChannel, channel_options
 from services.gateway.retry import Retrier, RetryWindowElapsed
 
 
@@ -16,26 +19,36 @@ def _code_is(code: grpc.StatusCode):
     return lambda error: isinstance(error, grpc.aio.AioRpcError) and error.code() == code
 
 
+@dataclass(frozen=True)
+class _Stubs:
+    channel: grpc.aio.Channel
+    preprocessor: preprocess_pb2_grpc.PreprocessorStub
+    health: health_pb2_grpc.HealthStub
+
+    @classmethod
+    def open(cls, address: str, options: list[tuple[str, str | int]]) -> _Stubs:
+        channel = grpc.aio.insecure_channel(address, options=options)
+        return cls(channel, preprocess_pb2_grpc.PreprocessorStub(channel), health_pb2_grpc.HealthStub(channel))
+
+
 class PreprocessClient:
-    def __init__(self, address: str, max_message_bytes: int, retrier: Retrier | None = None) -> None:
+    """``address`` is any gRPC target (``host:port``, ``dns:///host:port``, ``ipv4:a:p,b:q``); calls rotate over
+    every address it resolves to, and the name is resolved again every ``renew_every_s``."""
+
+    def __init__(self, address: str, max_message_bytes: int, retrier: Retrier | None = None,
+                 renew_every_s: float = RENEW_EVERY_S) -> None:
         self.address = address
         self._retrier = retrier
-        self._channel = grpc.aio.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-        ])
-        self._stub = preprocess_pb2_grpc.PreprocessorStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        options = channel_options(max_send_bytes=max_message_bytes)
+        self._channels = RenewingChannel("preprocess", lambda: _Stubs.open(address, options),
+                                         lambda stubs: stubs.channel, renew_every_s)
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channels.close()
 
     async def ready(self, timeout_s: float = 1.0) -> bool:
         try:
-            reply = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+            reply = await self._channels.get().health.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -47,9 +60,10 @@ class PreprocessClient:
             resize_shorter=spec.resize_shorter, background=spec.background))
 
         async def attempt(number: int, timeout: float) -> preprocess_pb2.PreprocessResponse:
-            # A retry waits for the connection to come back (a restart) instead of failing at once.
-            return await self._stub.Preprocess(request, timeout=timeout, metadata=[("x-request-id", request_id)],
-                                               wait_for_ready=number > 0)
+            # A retry waits for a ready replica (round robin skips the one that failed, or a restarted one comes
+            # back) instead of failing at once.
+            return await self._channels.get().preprocessor.Preprocess(
+                request, timeout=timeout, metadata=[("x-request-id", request_id)], wait_for_ready=number > 0)
 
         try:
             if self._retrier is None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 
 import grpc
 from grpc_health.v1 import health
@@ -13,13 +12,15 @@ from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
 
 from services.common.errors import ErrorInterceptor, ShopvisionError, transport_limit
 from services.common.grpc_server import add_health_and_reflection, create_server, serve_until_signalled, set_serving
+from services.common.tracing import setup_tracing
 from services.gateway import metrics
+from services.gateway.catalog.filters import AttributeLimits
+from services.gateway.catalog.service import CatalogService, CatalogSettings, Embedder
+from services.gateway.catalog.store import CatalogStore, StoreSettings
 from services.gateway.concurrency import AdmissionGate
 from services.gateway.config import GatewayConfig
 from services.gateway.preprocess_client import PreprocessClient
 from services.gateway.retry import Retrier, RetryBudget, RetryPolicy
-from services.gateway.search.service import SimilarSearch
-from services.gateway.search.store import SearchIndexError
 from services.gateway.security import CallerInterceptor, RateLimiter, TokenSet, server_credentials
 from services.gateway.servicer import ProductRecognitionServicer
 from services.gateway.triton import InferRetryPolicy, TritonBackend
@@ -92,6 +93,25 @@ def triton_retry_policy(config: GatewayConfig) -> InferRetryPolicy:
                             initial_backoff_s=config.retry.initial_backoff_s)
 
 
+def catalog_service(config: GatewayConfig, preprocess: PreprocessClient,
+                    triton: TritonBackend) -> CatalogService | None:
+    """The shared catalog in PostgreSQL, or None when GATEWAY_CATALOG_DATABASE_URL is empty."""
+    search = config.search
+    if not search.enabled:
+        LOG.warning("GATEWAY_CATALOG_DATABASE_URL is empty: the catalog RPCs answer UNAVAILABLE")
+        return None
+    store = CatalogStore(search.database_url, StoreSettings(
+        hnsw_m=search.hnsw_m, hnsw_ef_construction=search.hnsw_ef_construction, ef_search=search.ef_search,
+        max_scan_tuples=search.max_scan_tuples, statement_timeout_ms=search.statement_timeout_ms,
+        pool_max=search.pool_size))
+    limits = AttributeLimits(max_keys=search.max_attribute_keys, max_values=search.max_attribute_values,
+                             max_chars=search.max_attribute_chars)
+    settings = CatalogSettings(default_model=search.model or config.default_model, max_k=search.max_k,
+                               duplicate_threshold=search.duplicate_threshold, limits=limits,
+                               max_image_bytes=config.max_image_bytes)
+    return CatalogService(store, Embedder(preprocess, triton, config.max_image_bytes), settings)
+
+
 def caller_interceptor(config: GatewayConfig) -> CallerInterceptor | None:
     """Token authentication and per-caller rate limits, when either is configured."""
     tokens = TokenSet.from_config(config.security)
@@ -101,15 +121,14 @@ def caller_interceptor(config: GatewayConfig) -> CallerInterceptor | None:
 
 
 async def serve(config: GatewayConfig) -> None:
+    setup_tracing("gateway")  # before any server or channel exists: the instrumentation wraps their factories
     preprocess = PreprocessClient(config.preprocess_address, max_message_bytes=config.max_image_bytes + 64 * 1024,
                                   retrier=preprocess_retrier(config))
     triton = TritonBackend(config.triton_address, triton_retry_policy(config),
                            RetryBudget(config.retry.budget_ratio, config.retry.budget_min_per_s))
-    try:
-        search = SimilarSearch.open(config.search, config.default_model, preprocess, triton, config.max_image_bytes)
-    except SearchIndexError as error:
-        LOG.critical("cannot open the search index: %s", error)
-        sys.exit(f"gateway: cannot open the search index: {error}")
+    search = catalog_service(config, preprocess, triton)
+    if search is not None:
+        await search.store.open()
     request_limit = config.max_image_bytes + 64 * 1024  # the image plus the other request fields
     interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(observe, max_request_bytes=request_limit)]
     caller_control = caller_interceptor(config)
@@ -143,6 +162,7 @@ async def serve(config: GatewayConfig) -> None:
         health_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await health_task
-        await search.close()
+        if search is not None:
+            await search.close()
         await preprocess.close()
         await triton.close()

@@ -5,17 +5,22 @@ import asyncio
 import logging
 import time
 import uuid
+from datetime import datetime
+from typing import cast
 
 import grpc
+from google.protobuf import timestamp_pb2
 from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
 
 from services.common.errors import InvalidInput, ShopvisionError, Unavailable, remaining_seconds
 from services.common.logging import request_id_var
+from services.common.tracing import set_span_attributes
 from services.gateway import metrics
+from services.gateway.catalog.service import CatalogService, Indexed, IndexItem, attribute_pairs
+from services.gateway.catalog.store import CatalogRow, Hit, ProductRow
 from services.gateway.concurrency import AdmissionGate
 from services.gateway.config import GatewayConfig
 from services.gateway.preprocess_client import PreprocessClient
-from services.gateway.search.service import SimilarSearch
 from services.gateway.triton import Model, TritonBackend
 
 LOG = logging.getLogger(__name__)
@@ -31,7 +36,7 @@ def request_id_of(context: grpc.aio.ServicerContext) -> str:
 
 class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer):
     def __init__(self, config: GatewayConfig, preprocess: PreprocessClient, triton: TritonBackend,
-                 gate: AdmissionGate, search: SimilarSearch | None = None) -> None:
+                 gate: AdmissionGate, search: CatalogService | None = None) -> None:
         self._config = config
         self._preprocess = preprocess
         self._triton = triton
@@ -109,6 +114,8 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
                        context: grpc.aio.ServicerContext) -> recognition_pb2.ClassifyResponse:
         request_id = request_id_of(context)
         request_id_var.set(request_id)
+        set_span_attributes({"shopvision.request_id": request_id,
+                             "shopvision.model": request.model or self._config.default_model})
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         deadline = self._deadline(context)
@@ -117,6 +124,7 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
             response = await self._classify_one(request, deadline, request_id)
         finally:
             self._gate.release()
+        set_span_attributes({"shopvision.model_version": response.model_version})
         top = response.predictions[0] if response.predictions else None
         LOG.info("classified", extra={"fields": {
             "model": response.model, "version": response.model_version, "top1": top.label if top else "",
@@ -128,6 +136,7 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
                             context: grpc.aio.ServicerContext) -> recognition_pb2.ClassifyBatchResponse:
         request_id = request_id_of(context)
         request_id_var.set(request_id)
+        set_span_attributes({"shopvision.request_id": request_id})
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         count = len(request.requests)
@@ -136,6 +145,8 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
         if count > self._config.max_batch_items:
             raise InvalidInput(f"{count} images in one batch; the limit is {self._config.max_batch_items}",
                                reason="batch_too_large")
+        set_span_attributes({"shopvision.model": ",".join(  # the distinct models of the (bounded) batch
+            sorted({item.model or self._config.default_model for item in request.requests}))})
         deadline = self._deadline(context)
         self._gate.acquire(count)
         try:
@@ -146,15 +157,11 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
             self._gate.release(count)
         items = []
         for result in results:
-            if isinstance(result, ShopvisionError):
-                metrics.REQUESTS.labels("ClassifyBatchItem", result.code.name).inc()
-                items.append(recognition_pb2.ClassifyBatchItem(
-                    error=recognition_pb2.ItemError(code=result.code.value[0], message=result.message)))
-            elif isinstance(result, BaseException):
+            if isinstance(result, BaseException) and not isinstance(result, ShopvisionError):
                 raise result
-            else:
-                metrics.REQUESTS.labels("ClassifyBatchItem", "OK").inc()
-                items.append(recognition_pb2.ClassifyBatchItem(response=result))
+            error = item_error("ClassifyBatchItem", result)
+            items.append(recognition_pb2.ClassifyBatchItem(error=error) if error else
+                         recognition_pb2.ClassifyBatchItem(response=result))
         return recognition_pb2.ClassifyBatchResponse(items=items)
 
     async def ListModels(self, request: recognition_pb2.ListModelsRequest,
@@ -168,39 +175,148 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
                 input_width=m.spec.width, input_channels=m.spec.channels, is_default=m.name == default)
                 for m in sorted(self._triton.models.values(), key=lambda m: m.name)])
 
-    # -- similar-product search (the work is in services/gateway/search/service.py) ------------------------------
-    def _similar(self) -> SimilarSearch:
+    # -- the catalog: similar-product search and products (domain logic in services/gateway/catalog/service.py) ---
+    def _catalog(self) -> CatalogService:
         if self._search is None:
-            raise Unavailable("similar-product search is not enabled on this gateway", reason="search_disabled")
+            raise Unavailable("the product catalog is not enabled on this gateway (GATEWAY_CATALOG_DATABASE_URL "
+                              "is empty)", reason="search_disabled")
         return self._search
 
     async def _start_call(self, context: grpc.aio.ServicerContext) -> str:
+        """Request id for logs, initial and trailing metadata: the same preamble as Classify."""
         request_id = request_id_of(context)
         request_id_var.set(request_id)
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         return request_id
 
     async def SearchSimilar(self, request: recognition_pb2.SearchSimilarRequest,
                             context: grpc.aio.ServicerContext) -> recognition_pb2.SearchSimilarResponse:
         request_id = await self._start_call(context)
-        search, deadline = self._similar(), self._deadline(context)
+        catalog, deadline = self._catalog(), self._deadline(context)
         self._gate.acquire()
         try:
-            return await search.search(request, deadline, request_id)
+            result = await catalog.search(request.catalog, request.image, request.k, request.category,
+                                          request.filter, deadline, request_id)
         finally:
             self._gate.release()
+        return recognition_pb2.SearchSimilarResponse(
+            matches=[match_pb(hit) for hit in result.hits], catalog=result.catalog, model=result.model,
+            model_version=result.model_version)
 
     async def IndexProduct(self, request: recognition_pb2.IndexProductRequest,
                            context: grpc.aio.ServicerContext) -> recognition_pb2.IndexProductResponse:
         request_id = await self._start_call(context)
-        search, deadline = self._similar(), self._deadline(context)
+        catalog, deadline = self._catalog(), self._deadline(context)
         self._gate.acquire()
         try:
-            return await search.index_product(request, deadline, request_id)
+            return indexed_pb(await catalog.index(index_item(request), deadline, request_id))
         finally:
             self._gate.release()
+
+    async def IndexProductBatch(self, request: recognition_pb2.IndexProductBatchRequest,
+                                context: grpc.aio.ServicerContext) -> recognition_pb2.IndexProductBatchResponse:
+        request_id = await self._start_call(context)
+        catalog = self._catalog()
+        count = len(request.requests)
+        if count == 0:
+            raise InvalidInput("requests is empty", reason="empty")
+        if count > self._config.max_batch_items:
+            raise InvalidInput(f"{count} products in one batch; the limit is {self._config.max_batch_items}",
+                               reason="batch_too_large")
+        deadline = self._deadline(context)
+        self._gate.acquire(count)
+        try:
+            results = await catalog.index_batch([index_item(item) for item in request.requests], deadline,
+                                                request_id)
+        finally:
+            self._gate.release(count)
+        items = []
+        for result in results:
+            error = item_error("IndexProductBatchItem", result)
+            items.append(recognition_pb2.IndexProductBatchItem(error=error) if error else
+                         recognition_pb2.IndexProductBatchItem(response=indexed_pb(cast(Indexed, result))))
+        return recognition_pb2.IndexProductBatchResponse(items=items)
 
     async def DeleteProduct(self, request: recognition_pb2.DeleteProductRequest,
                             context: grpc.aio.ServicerContext) -> recognition_pb2.DeleteProductResponse:
         await self._start_call(context)
-        return await self._similar().delete(request)
+        size = await self._catalog().delete(request.catalog, request.product_id)
+        return recognition_pb2.DeleteProductResponse(catalog_size=size)
+
+    async def GetProduct(self, request: recognition_pb2.GetProductRequest,
+                         context: grpc.aio.ServicerContext) -> recognition_pb2.Product:
+        await self._start_call(context)
+        return product_pb(await self._catalog().get(request.catalog, request.product_id))
+
+    async def ListProducts(self, request: recognition_pb2.ListProductsRequest,
+                           context: grpc.aio.ServicerContext) -> recognition_pb2.ListProductsResponse:
+        await self._start_call(context)
+        products, token = await self._catalog().list_products(request.catalog, request.page_size,
+                                                              request.page_token)
+        return recognition_pb2.ListProductsResponse(products=[product_pb(p) for p in products],
+                                                    next_page_token=token)
+
+    async def CreateCatalog(self, request: recognition_pb2.CreateCatalogRequest,
+                            context: grpc.aio.ServicerContext) -> recognition_pb2.Catalog:
+        await self._start_call(context)
+        return catalog_pb(await self._catalog().create_catalog(request.name, request.model))
+
+    async def ListCatalogs(self, request: recognition_pb2.ListCatalogsRequest,
+                           context: grpc.aio.ServicerContext) -> recognition_pb2.ListCatalogsResponse:
+        await self._start_call(context)
+        return recognition_pb2.ListCatalogsResponse(
+            catalogs=[catalog_pb(c) for c in await self._catalog().list_catalogs()])
+
+
+def item_error(method: str, result: object) -> recognition_pb2.ItemError | None:
+    """Count one batch item under ``method`` and give its ItemError when it failed (None when it succeeded)."""
+    if isinstance(result, ShopvisionError):
+        metrics.REQUESTS.labels(method, result.code.name).inc()
+        return recognition_pb2.ItemError(code=result.code.value[0], message=result.message)
+    metrics.REQUESTS.labels(method, "OK").inc()
+    return None
+
+
+# -- protobuf <-> domain --------------------------------------------------------------------------------------------
+def index_item(request: recognition_pb2.IndexProductRequest) -> IndexItem:
+    return IndexItem(product_id=request.product_id, image=request.image, catalog=request.catalog,
+                     metadata=dict(request.metadata), attributes=[(a.key, a.value) for a in request.attributes],
+                     category=request.category, model=request.model)
+
+
+def attributes_pb(attributes: dict[str, list[str]]) -> list[recognition_pb2.Attribute]:
+    return [recognition_pb2.Attribute(key=key, value=value) for key, value in attribute_pairs(attributes)]
+
+
+def match_pb(hit: Hit) -> recognition_pb2.Match:
+    return recognition_pb2.Match(product_id=hit.product_id, score=hit.score, label=hit.category,
+                                 metadata=hit.metadata, attributes=attributes_pb(hit.attributes))
+
+
+def indexed_pb(result: Indexed) -> recognition_pb2.IndexProductResponse:
+    return recognition_pb2.IndexProductResponse(
+        replaced=result.replaced, label=result.label, model_version=result.model_version,
+        catalog_size=result.catalog_size, near_duplicates=[match_pb(hit) for hit in result.near_duplicates],
+        catalog=result.catalog, model=result.model)
+
+
+def timestamp_pb(moment: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def product_pb(product: ProductRow) -> recognition_pb2.Product:
+    return recognition_pb2.Product(
+        catalog=product.catalog, product_id=product.product_id, category=product.category,
+        metadata=product.metadata, attributes=attributes_pb(product.attributes), model=product.model,
+        model_version=product.model_version, image_sha256=product.image_sha256, image_bytes=product.image_bytes,
+        create_time=timestamp_pb(product.created_at), update_time=timestamp_pb(product.updated_at))
+
+
+def catalog_pb(catalog: CatalogRow) -> recognition_pb2.Catalog:
+    return recognition_pb2.Catalog(
+        name=catalog.name, model=catalog.model, model_version=catalog.model_version,
+        product_count=catalog.product_count, reembed_version=catalog.reembed_version,
+        reembedded_count=catalog.reembedded_count, create_time=timestamp_pb(catalog.created_at))

@@ -13,6 +13,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
@@ -20,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 from services.common.errors import DeadlineExceeded, ShopvisionError, Unavailable
 from services.common.spec import Spec
 from services.gateway import metrics
+from services.gateway.channels import RENEW_EVERY_S, RenewingChannel, channel_options
 from services.gateway.retry import RetryBudget
 
 LOG = logging.getLogger(__name__)
@@ -53,17 +55,28 @@ class InferRetryPolicy:
     initial_backoff_s: float = 0.05
     max_backoff_s: float = 1.0
 EMBEDDING_OUTPUT = "embedding"
-CHANNEL_ARGS = [
-    # Reconnect quickly after Triton restarts; the default backoff grows to two minutes.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
+# Round robin over every Triton the address resolves to, fast reconnects, keepalive (services/gateway/channels.py).
+# Triton's default flags permit no keepalive pings between calls: more than two on an idle connection got
+# GOAWAY "too_many_pings" here, so the client stops at two until the connection carries a call again.
+CHANNEL_ARGS = channel_options(max_send_bytes=64 * 1024 * 1024, max_pings_without_data=2)
+
+
+def _channel_of(client: triton_aio.InferenceServerClient) -> grpc.aio.Channel:
+    # tritonclient builds its channel itself and exposes no accessor; its close() cancels the calls in flight,
+    # while a renewal must let them finish on the retired channel (RenewingChannel closes it with a grace).
+    return client._channel
+
+
+@dataclass(frozen=True)
+class EmbeddingSource:
+    """The ensemble step whose output is the public ``embedding``: search calls that model directly, so a
+    catalog can pin its version (an ensemble's steps follow their member's latest version, whatever version
+    of the ensemble is asked for)."""
+
+    model: str
+    image_input: str
+    embedding_output: str
+    logits_output: str
 
 
 @dataclass
@@ -73,6 +86,19 @@ class Model:
     spec: Spec
     num_classes: int
     labels: list[str] = field(default_factory=list)
+    embedding_source: EmbeddingSource | None = None
+
+
+def embedding_source_of(config: dict) -> EmbeddingSource | None:
+    """The step of an ensemble config that produces ``embedding`` from ``image`` (None if there is none)."""
+    for step in config.get("ensemble_scheduling", {}).get("step", []):
+        outputs = {value: key for key, value in step.get("output_map", {}).items()}
+        inputs = {value: key for key, value in step.get("input_map", {}).items()}
+        if EMBEDDING_OUTPUT in outputs and INPUT in inputs:
+            others = [key for key in step.get("output_map", {}) if key != outputs[EMBEDDING_OUTPUT]]
+            logits = others[0] if others else ""
+            return EmbeddingSource(step["model_name"], inputs[INPUT], outputs[EMBEDDING_OUTPUT], logits)
+    return None
 
 
 @dataclass(frozen=True)
@@ -122,18 +148,27 @@ def parse_classification(row: np.ndarray) -> tuple[list[float], list[int], list[
 
 class TritonBackend:
     def __init__(self, address: str, retry: InferRetryPolicy | None = None,
-                 budget: RetryBudget | None = None) -> None:
+                 budget: RetryBudget | None = None, renew_every_s: float = RENEW_EVERY_S) -> None:
         self.address = address
         self._retry = retry or InferRetryPolicy()
         self._budget = budget or RetryBudget(ratio=0.2, min_per_s=5.0)
         self._rng = random.Random()
-        self._client = triton_aio.InferenceServerClient(address, channel_args=CHANNEL_ARGS)
+        # ``address`` is any gRPC target. Triton keeps its connections open for ever unless launched with
+        # --grpc-max-connection-age, so the client is rebuilt from a fresh resolution every ``renew_every_s``
+        # to reach Tritons added since (services/gateway/channels.py).
+        self._clients = RenewingChannel("triton", lambda: triton_aio.InferenceServerClient(
+            address, channel_args=CHANNEL_ARGS), _channel_of, renew_every_s)
         self._models: dict[str, Model] = {}
         self._refreshed_at = 0.0
         self._refresh_lock = asyncio.Lock()
 
+    @property
+    def _client(self) -> triton_aio.InferenceServerClient:
+        """The client for the next call (each retry reads it again, so it may go out on a renewed channel)."""
+        return self._clients.get()
+
     async def close(self) -> None:
-        await self._client.close()
+        await self._clients.close()
 
     async def ready(self, timeout_s: float = 1.0) -> bool:
         try:
@@ -151,6 +186,16 @@ class TritonBackend:
             return bool(await self._client.is_model_ready(name, client_timeout=timeout_s))
         except InferenceServerException:
             return False
+
+    async def ready_versions(self, name: str, timeout_s: float = 5.0) -> list[str]:
+        """The versions of any model (public or not) that Triton has READY, oldest first."""
+        try:
+            index = await self._client.get_model_repository_index(as_json=True, client_timeout=timeout_s)
+        except InferenceServerException as error:
+            raise _to_error(error, "listing models") from None
+        versions = [entry.get("version", "") for entry in index.get("models", [])
+                    if entry.get("name") == name and entry.get("state") == "READY"]
+        return sorted(versions, key=lambda v: int(v) if v.isdigit() else 0)
 
     async def refresh(self, timeout_s: float = 5.0) -> dict[str, Model]:
         """Re-read which public models and versions are READY (labels fetched once per model)."""
@@ -179,7 +224,7 @@ class TritonBackend:
                     continue
                 output = next(o for o in config["output"] if o["name"] == OUTPUT)
                 model = Model(name, sorted(versions, key=lambda v: int(v) if v.isdigit() else 0),
-                              spec, int(output["dims"][-1]))
+                              spec, int(output["dims"][-1]), embedding_source=embedding_source_of(config))
                 previous = self._models.get(name)
                 if previous and previous.labels and previous.num_classes == model.num_classes:
                     model.labels = previous.labels
@@ -248,16 +293,27 @@ class TritonBackend:
 
     async def embed(self, model: Model, pixels: np.ndarray, timeout_s: float, request_id: str,
                     version: str = "") -> Embedding:
-        """Embedding and top-1 category of one image; ``version`` pins a model version (empty: Triton's choice)."""
-        inputs = [triton_aio.InferInput(INPUT, [1, *pixels.shape], "UINT8")]
+        """Embedding and top-1 category of one image from the model's embedding step, ``version`` of that step
+        (empty: its latest); the version reported is the embedding model's."""
+        source = model.embedding_source
+        if source is None:
+            raise Unavailable(f"model {model.name} has no embedding step: it cannot serve similar-product search",
+                              reason="no_embedding")
+        inputs = [triton_aio.InferInput(source.image_input, [1, *pixels.shape], "UINT8")]
         inputs[0].set_data_from_numpy(pixels[None])
-        outputs = [triton_aio.InferRequestedOutput(EMBEDDING_OUTPUT),
-                   triton_aio.InferRequestedOutput(OUTPUT, class_count=1)]
-        what = f"embedding with {model.name}" + (f" version {version}" if version else "")
+        outputs = [triton_aio.InferRequestedOutput(source.embedding_output)]
+        if source.logits_output:
+            outputs.append(triton_aio.InferRequestedOutput(source.logits_output))
+        what = f"embedding with {source.model}" + (f" version {version}" if version else "")
         result = await self._infer_with_retries(
-            lambda remaining: self._client.infer(model.name, inputs, model_version=version, outputs=outputs,
+            lambda remaining: self._client.infer(source.model, inputs, model_version=version, outputs=outputs,
                                                  request_id=request_id, client_timeout=remaining),
             timeout_s, what)
-        scores, _, labels = parse_classification(result.as_numpy(OUTPUT)[0])
-        return Embedding(result.as_numpy(EMBEDDING_OUTPUT)[0].astype(np.float32), labels[0], scores[0],
+        label, score = "", 0.0
+        if source.logits_output:
+            logits = result.as_numpy(source.logits_output)[0].astype(np.float64)
+            top = int(np.argmax(logits))
+            score = float(1.0 / np.exp(logits - logits[top]).sum())
+            label = model.labels[top] if top < len(model.labels) else str(top)
+        return Embedding(result.as_numpy(source.embedding_output)[0].astype(np.float32), label, score,
                          result.get_response().model_version)

@@ -11,6 +11,7 @@ from shopvision.v1 import preprocess_pb2, preprocess_pb2_grpc
 from services.common.errors import InvalidInput
 from services.common.logging import request_id_var
 from services.common.spec import Spec
+from services.common.tracing import set_span_attributes
 from services.preprocess import metrics
 from services.preprocess.imaging import preprocess
 
@@ -39,7 +40,9 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessorServicer):
     async def Preprocess(
         self, request: preprocess_pb2.PreprocessRequest, context: grpc.aio.ServicerContext
     ) -> preprocess_pb2.PreprocessResponse:
-        request_id_var.set(dict(context.invocation_metadata() or ()).get("x-request-id", ""))
+        request_id = dict(context.invocation_metadata() or ()).get("x-request-id", "")
+        request_id_var.set(request_id)
+        set_span_attributes({"shopvision.request_id": request_id})
         metrics.IN_FLIGHT.inc()
         try:
             size = len(request.image)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.config import env_bool, env_int, env_str
+from services.common.tracing import otlp_http_traces_url
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,6 +23,7 @@ class TritonConfig:
     exit_timeout_s: int
     load_models: tuple[str, ...]
     reuse_ports: bool = False
+    trace_url: str = ""  # OTLP/HTTP URL for Triton's OpenTelemetry spans; empty = tracing off
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> TritonConfig:
@@ -38,4 +40,5 @@ class TritonConfig:
             exit_timeout_s=env_int("TRITON_EXIT_TIMEOUT_SECONDS", 10, env, minimum=0),
             load_models=tuple(m.strip() for m in load.split(",") if m.strip()),
             reuse_ports=env_bool("TRITON_REUSE_PORTS", False, env),
+            trace_url=otlp_http_traces_url(env),
         )

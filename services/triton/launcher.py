@@ -90,6 +90,11 @@ def command(config: TritonConfig) -> list[str]:
         # A second Triton on the same HTTP and gRPC ports: how `make run`'s stack restarts Triton without
         # a gap (the new one serves before the old one drains).
         args += ["--reuse-grpc-port=true", "--reuse-http-port=true"]
+    if config.trace_url:
+        # Every inference is traced; one that carries a W3C traceparent joins the caller's trace.
+        args += ["--trace-config=mode=opentelemetry", f"--trace-config=opentelemetry,url={config.trace_url}",
+                 "--trace-config=opentelemetry,resource=service.name=triton",
+                 "--trace-config=rate=1", "--trace-config=level=TIMESTAMPS"]
     args += [f"--load-model={name}" for name in config.load_models]
     return args
 

@@ -21,9 +21,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S = REPO_ROOT / "deploy" / "k8s"
 NAMESPACE = "shopvision"
 OVERLAYS = ("cpu", "gpu")
-COMPONENTS = ("monitoring", "network-policy", "custom-metrics")
-COMBINATIONS = [(overlay, subset) for overlay in OVERLAYS
-                for n in range(len(COMPONENTS) + 1) for subset in itertools.combinations(COMPONENTS, n)]
+FEATURES = ("monitoring", "network-policy", "custom-metrics")
+# The catalog database: in the cluster, managed outside it, or none (catalog off). One at most: render.py
+# refuses both (test_k8s_postgres.py).
+DATABASES = ("postgres", "external-postgres")
+COMPONENTS = (*FEATURES, *DATABASES)
+COMBINATIONS = [(overlay, (*subset, *database)) for overlay in OVERLAYS
+                for n in range(len(FEATURES) + 1) for subset in itertools.combinations(FEATURES, n)
+                for database in ((), *((d,) for d in DATABASES))]
+# What `make deploy` applies unless told otherwise (the Makefile's COMPONENTS).
+DEFAULT_COMPONENTS = ("monitoring", "network-policy", "postgres")
 SERVICES = ("gateway", "preprocess")  # our images; Triton is NVIDIA's
 
 Obj = dict[str, Any]
@@ -51,6 +58,11 @@ def _render_text(overlay: str, components: tuple[str, ...]) -> str:
     return load_tool("render").render(overlay, list(components))
 
 
+def rendered_text(overlay: str, components: tuple[str, ...] = ()) -> str:
+    """The YAML text `make deploy` would apply."""
+    return _render_text(overlay, tuple(components))
+
+
 def render(overlay: str, components: tuple[str, ...] = ()) -> list[Obj]:
     """Fresh parsed objects (callers may mutate them)."""
     return [doc for doc in yaml.safe_load_all(_render_text(overlay, tuple(components))) if doc]
@@ -64,6 +76,11 @@ def find(objects: list[Obj], kind: str, name: str) -> Obj:
 
 def of_kind(objects: list[Obj], kind: str) -> list[Obj]:
     return [o for o in objects if o["kind"] == kind]
+
+
+def workloads(objects: list[Obj]) -> list[Obj]:
+    """Deployments and StatefulSets: everything that runs pods."""
+    return [o for o in objects if o["kind"] in ("Deployment", "StatefulSet")]
 
 
 def container(deployment: Obj, name: str | None = None, init: bool = False) -> Obj:

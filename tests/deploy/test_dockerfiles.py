@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import importlib.util
 import os
 import re
 import shlex
@@ -70,8 +71,19 @@ def third_party_imports(paths: list[Path]) -> set[str]:
                 if isinstance(node, ast.Import):
                     modules |= {alias.name for alias in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    modules.add(node.module)
+                    modules |= {imported_module(node.module, alias.name) for alias in node.names}
     return {m for m in modules if m.split(".")[0] not in (*sys.stdlib_module_names, *FIRST_PARTY, "__future__")}
+
+
+def imported_module(package: str, name: str) -> str:
+    """The module ``from package import name`` loads: ``package.name`` when that is a module (``from
+    opentelemetry import trace``: the namespace package alone has as many owners as it has distributions)."""
+    if package.split(".")[0] in (*sys.stdlib_module_names, *FIRST_PARTY, "__future__"):
+        return package
+    try:
+        return f"{package}.{name}" if importlib.util.find_spec(f"{package}.{name}") is not None else package
+    except (ImportError, ValueError):  # ``package`` itself is not importable here, or ``name`` is no module
+        return package
 
 
 def distributions(modules: set[str]) -> set[str]:
@@ -108,6 +120,31 @@ def test_image_installs_exactly_the_serving_dependencies(service: str) -> None:
     # Nothing else reaches the runtime stage: requirements files are read in the build stage only.
     runtime = text.split("AS runtime", 1)[1]
     assert "pip install" not in runtime and "requirements" not in runtime
+
+
+def pin_lookup(text: str) -> str:
+    """The build stage's shell loop that writes serving.txt from requirements.txt."""
+    runs = [args for op, args in instructions(text) if op == "RUN" and "$SERVING_PACKAGES" in args]
+    assert len(runs) == 1
+    return runs[0][:runs[0].index("> serving.txt;") + len("> serving.txt")]
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_build_stage_finds_the_exact_pin_of_every_package(service: str, tmp_path: Path) -> None:
+    """Run the Dockerfile's lookup (awk on NAME==VERSION lines): names with extras, such as psycopg[binary],
+    must match their requirements line exactly, and a package without a pin must fail the build."""
+    text = dockerfile(service)
+    packages = arg_default(text, "SERVING_PACKAGES").split()
+    shutil.copy(REPO_ROOT / "requirements.txt", tmp_path)
+    script = pin_lookup(text)
+    result = subprocess.run(["sh", "-c", script], cwd=tmp_path, env={**os.environ, "SERVING_PACKAGES": " ".join(
+        packages)}, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    serving = pins(REPO_ROOT / "requirements.txt")
+    assert (tmp_path / "serving.txt").read_text().splitlines() == [f"{p}=={serving[p]}" for p in packages]
+    missing = subprocess.run(["sh", "-c", script], cwd=tmp_path, env={**os.environ, "SERVING_PACKAGES": "psycopg"},
+                             capture_output=True, text=True, timeout=30, check=False)
+    assert missing.returncode != 0 and "psycopg has no exact pin" in missing.stderr
 
 
 @pytest.mark.parametrize("service", SERVICES)

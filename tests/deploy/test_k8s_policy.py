@@ -9,6 +9,7 @@ import pytest
 from google.protobuf import text_format
 from k8s_manifests import (
     COMBINATIONS,
+    FEATURES,
     NAMESPACE,
     OVERLAYS,
     REPO_ROOT,
@@ -27,6 +28,7 @@ from k8s_manifests import (
     of_kind,
     pod_labels,
     render,
+    workloads,
 )
 from tritonclient.grpc import model_config_pb2
 
@@ -45,15 +47,17 @@ CONFIGS: dict[str, type[GatewayConfig] | type[PreprocessConfig]] = {
 EXTRA_TRITON_FLAGS = {"cpu": set(), "gpu": {"--model-config-name"}}
 LAUNCHER_ONLY_FLAGS = {"--backend-directory"}
 DRAIN_MARGIN_S = 5
+# Not GATEWAY_* but read by the gateway's database driver (libpq): the password of the in-cluster database.
+LIBPQ_ENV = {"gateway": {"PGPASSWORD"}, "preprocess": set()}
 
 
 def full(overlay: str) -> list[Obj]:
-    return render(overlay, ("monitoring", "network-policy", "custom-metrics"))
+    return render(overlay, (*FEATURES, "postgres"))
 
 
 def deployments() -> list[tuple[str, Obj]]:
-    return [(f"{overlay}/{d['metadata']['name']}", d) for overlay in OVERLAYS for d in of_kind(full(overlay),
-                                                                                              "Deployment")]
+    """Every workload (Deployments and the database's StatefulSet) of both overlays."""
+    return [(f"{overlay}/{d['metadata']['name']}", d) for overlay in OVERLAYS for d in workloads(full(overlay))]
 
 
 @pytest.mark.parametrize("label,deployment", deployments(), ids=[label for label, _ in deployments()])
@@ -85,21 +89,26 @@ def test_every_container_is_locked_down_and_sized(label: str, deployment: Obj) -
         if not init:
             for probe in ("livenessProbe", "readinessProbe"):
                 assert probe in c, f"{where} has no {probe}"
-        # Writable paths are volumes (the root filesystem is read-only).
-        volumes = {v["name"] for v in pod.get("volumes", [])}
+        # Writable paths are volumes (the root filesystem is read-only): the pod's or a StatefulSet's claims.
+        volumes = {v["name"] for v in pod.get("volumes", [])} | {
+            claim["metadata"]["name"] for claim in deployment["spec"].get("volumeClaimTemplates", [])}
         assert {m["name"] for m in c.get("volumeMounts", [])} <= volumes, where
 
 
+@pytest.mark.parametrize("database", ["postgres", "external-postgres"])
 @pytest.mark.parametrize("overlay", OVERLAYS)
 @pytest.mark.parametrize("service", ["gateway", "preprocess"])
-def test_service_environment_matches_config(overlay: str, service: str) -> None:
+def test_service_environment_matches_config(overlay: str, service: str, database: str) -> None:
     """Every variable config.py reads is set in the Deployment, every one set is read, and it parses."""
-    objects = full(overlay)
+    objects = render(overlay, (*FEATURES, database))
     c = container(find(objects, "Deployment", service))
     env = container_env(objects, c)
-    read = env_names_read(REPO_ROOT / "services" / service / "config.py", f"{service.upper()}_")
+    prefix = f"{service.upper()}_"
+    read = env_names_read(REPO_ROOT / "services" / service / "config.py", prefix)
     assert read, "no env_* calls found in config.py: the parser of this test is out of date"
-    assert set(env) == read, f"missing: {sorted(read - set(env))}, unused: {sorted(set(env) - read)}"
+    own = {name for name in env if name.startswith(prefix)}
+    assert own == read, f"missing: {sorted(read - own)}, unused: {sorted(own - read)}"
+    assert set(env) - own <= LIBPQ_ENV[service], f"read by nobody: {sorted(set(env) - own - LIBPQ_ENV[service])}"
     CONFIGS[service].from_env(known_env(env))
 
 
@@ -129,19 +138,29 @@ def test_ports_probes_and_drain_match_the_server(overlay: str, service: str) -> 
     assert grace >= float(pre_stop[1]) + config.grace_s + DRAIN_MARGIN_S
 
 
-def test_gateway_reaches_preprocess_and_triton_through_their_services() -> None:
+UPSTREAM_TARGET = re.compile(r"dns:///([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)")
+
+
+def test_gateway_balances_over_every_preprocess_and_triton_pod() -> None:
+    """The upstream addresses are dns:/// targets of headless Services: the name resolves to every ready pod and
+    the gateway's round_robin channel spreads its calls over them (a virtual IP would tie it to one pod)."""
     for overlay in OVERLAYS:
         objects = full(overlay)
         gateway = container(find(objects, "Deployment", "gateway"))
         config = GatewayConfig.from_env(known_env(container_env(objects, gateway)))
         triton_args = container(find(objects, "Deployment", "triton"))["args"]
-        for address, target, port_name in ((config.preprocess_address, "preprocess", "grpc"),
-                                           (config.triton_address, "triton", "grpc")):
-            host, _, port = address.rpartition(":")
-            assert host == target, f"{address} is not the {target} Service"
+        for address, target in ((config.preprocess_address, "preprocess"), (config.triton_address, "triton")):
+            match = UPSTREAM_TARGET.fullmatch(address)
+            assert match, f"{address} is not a dns:/// target of a Service's cluster name"
+            name, namespace, port = match.groups()
+            assert (name, namespace) == (target, NAMESPACE), address
             service = find(objects, "Service", target)
+            assert service["spec"].get("clusterIP") == "None", f"Service {target} is not headless"
+            assert not service["spec"].get("publishNotReadyAddresses"), "only ready pods may be in the DNS answer"
             ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
-            assert ports[port_name] == int(port)
+            assert ports["grpc"] == int(port)
+            # DNS answers pod addresses: the client dials the container port itself, no Service port mapping.
+            assert named_port(container(find(objects, "Deployment", target)), "grpc") == int(port)
             assert labels_match(service["spec"]["selector"], pod_labels(find(objects, "Deployment", target)))
         assert f"--grpc-port={config.triton_address.rpartition(':')[2]}" in triton_args
         assert config.default_model in {a.split("=", 1)[1] for a in triton_args if a.startswith("--load-model=")}
@@ -286,9 +305,10 @@ def test_cpu_overlay_uses_the_repository_configs_as_they_are() -> None:
 def test_selectors_and_autoscaler_targets_exist(combination: tuple) -> None:
     objects = render(*combination)
     deployments = {d["metadata"]["name"]: d for d in of_kind(objects, "Deployment")}
+    pods = {d["metadata"]["name"]: d for d in workloads(objects)}
     for service in of_kind(objects, "Service"):
-        targets = [d for d in deployments.values() if labels_match(service["spec"]["selector"], pod_labels(d))]
-        assert len(targets) == 1, f"Service {service['metadata']['name']} selects {len(targets)} Deployments"
+        targets = [d for d in pods.values() if labels_match(service["spec"]["selector"], pod_labels(d))]
+        assert len(targets) == 1, f"Service {service['metadata']['name']} selects {len(targets)} workloads"
         for port in service["spec"]["ports"]:
             named_port(container(targets[0]), port["targetPort"])
     for pdb in of_kind(objects, "PodDisruptionBudget"):
@@ -309,8 +329,8 @@ def test_selectors_and_autoscaler_targets_exist(combination: tuple) -> None:
         autoscaled.add(target["name"])
     assert autoscaled == {"gateway", "preprocess"}
     # Labels the NetworkPolicies and the ServiceMonitor select on.
-    for deployment in deployments.values():
-        assert pod_labels(deployment)["app.kubernetes.io/part-of"] == "shopvision"
+    for workload in pods.values():
+        assert pod_labels(workload)["app.kubernetes.io/part-of"] == "shopvision"
 
 
 def ingress_allowed(policies: list[Obj], destination: Obj, port: str, source_labels: dict[str, str],
@@ -349,6 +369,7 @@ def test_network_policies_allow_only_the_documented_paths(overlay: str) -> None:
     objects = full(overlay)
     policies = of_kind(objects, "NetworkPolicy")
     pods = {name: find(objects, "Deployment", name) for name in ("gateway", "preprocess", "triton")}
+    pods["postgres"] = find(objects, "StatefulSet", "postgres")
     inside = {"kubernetes.io/metadata.name": NAMESPACE}
     outside: tuple[dict[str, str], dict[str, str]] = ({}, {"kubernetes.io/metadata.name": "default"})
     prometheus = ({"app.kubernetes.io/name": "prometheus"}, {"kubernetes.io/metadata.name": "monitoring"})
@@ -358,16 +379,25 @@ def test_network_policies_allow_only_the_documented_paths(overlay: str) -> None:
 
     # Clients anywhere reach the gateway's API, and nothing else.
     assert allowed(outside, "gateway", "grpc")
-    for target, port in (("preprocess", "grpc"), ("triton", "grpc"), ("triton", "http"), ("gateway", "metrics")):
+    for target, port in (("preprocess", "grpc"), ("triton", "grpc"), ("triton", "http"), ("gateway", "metrics"),
+                         ("postgres", "postgres")):
         assert not allowed(outside, target, port), (target, port)
     # Inside the namespace only the gateway calls preprocess and Triton.
     gateway = (pod_labels(pods["gateway"]), inside)
     assert allowed(gateway, "preprocess", "grpc") and allowed(gateway, "triton", "grpc")
     for source, target in (("preprocess", "triton"), ("triton", "preprocess")):
         assert not allowed((pod_labels(pods[source]), inside), target, "grpc"), (source, target)
+    # The catalog database: the gateway logs in, nobody else (not even Prometheus: it has no metrics port).
+    assert named_port(container(pods["postgres"]), "postgres") == 5432
+    assert allowed(gateway, "postgres", "postgres")
+    for source in ("preprocess", "triton"):
+        assert not allowed((pod_labels(pods[source]), inside), "postgres", "postgres"), source
+    assert not allowed(prometheus, "postgres", "postgres")
+    assert not allowed(({"app.kubernetes.io/name": "gateway"}, {"kubernetes.io/metadata.name": "default"}),
+                       "postgres", "postgres"), "a pod labelled gateway in another namespace"
     assert not allowed(gateway, "triton", "http"), "Triton's HTTP API (model control) stays closed"
     # Prometheus scrapes every metrics port, and only those.
-    for target in pods:
+    for target in ("gateway", "preprocess", "triton"):
         assert allowed(prometheus, target, "metrics"), target
     assert not allowed(prometheus, "preprocess", "grpc")
     # Without the component, nothing is restricted (so the evaluator above can say no only because of it).

@@ -16,6 +16,9 @@ import pytest
 import yaml
 from k8s_manifests import (
     COMBINATIONS,
+    COMPONENTS,
+    DEFAULT_COMPONENTS,
+    K8S,
     NAMESPACE,
     REPO_ROOT,
     combination_id,
@@ -62,6 +65,13 @@ def test_combination_renders_valid_objects(combination: tuple) -> None:
             _VALID.add(key)
 
 
+def test_every_component_is_in_the_combinations() -> None:
+    """A new component folder is rendered and validated with all the others (k8s_manifests.COMPONENTS)."""
+    folders = {p.parent.name for p in (K8S / "components").glob("*/kustomization.yaml")}
+    assert folders == set(COMPONENTS)
+    assert all((K8S / "components" / name / "README.md").is_file() for name in folders), "each has a README"
+
+
 def test_schema_validation_rejects_a_typo() -> None:
     """The validator is strict: a misspelt field fails (so the test above can fail)."""
     deployment = find(render("cpu"), "Deployment", "gateway")
@@ -71,13 +81,15 @@ def test_schema_validation_rejects_a_typo() -> None:
 
 
 def test_make_deploy_dry_run_prints_the_overlay_without_a_cluster() -> None:
-    """``make deploy DRY_RUN=1 OVERLAY=gpu`` prints the gpu overlay with the default components."""
+    """``make deploy DRY_RUN=1 OVERLAY=gpu`` prints the gpu overlay with the default components, the in-cluster
+    catalog database among them."""
     result = subprocess.run(["make", "--no-print-directory", "deploy", "DRY_RUN=1", "OVERLAY=gpu"], cwd=REPO_ROOT,
                             env={**os.environ, "KUBECONFIG": "/nonexistent"}, capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     printed = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-    assert printed == render("gpu", ("monitoring", "network-policy"))
+    assert printed == render("gpu", DEFAULT_COMPONENTS)
+    assert find(printed, "StatefulSet", "postgres")
     triton = find(printed, "Deployment", "triton")
     assert "--model-config-name=gpu" in triton["spec"]["template"]["spec"]["containers"][0]["args"]
 

@@ -1,8 +1,8 @@
-"""Private gateways for the search tests: a second gateway process on the session stack's Triton and preprocess.
+"""Private gateways for the search tests: more gateway processes on the session stack's Triton and preprocess.
 
-It has its own port and its own ``GATEWAY_SEARCH_DIR``, so a test can restart
-it, kill it or break its index without touching the shared gateway (and without
-starting a second Triton).
+Each has its own port; by default all of them use the session stack's PostgreSQL, which is the point: every
+replica serves the same catalogs. Pass ``GATEWAY_CATALOG_DATABASE_URL`` to point one at another database.
+Tests keep apart by catalog name.
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ class PrivateGateway:
     root: Path
 
     @classmethod
-    def on(cls, stack: Stack, root: Path, search_dir: Path | None, **env: str) -> PrivateGateway:
+    def on(cls, stack: Stack, root: Path, **env: str) -> PrivateGateway:
         ports = dataclasses.replace(stack.ports, gateway=free_port(), gateway_metrics=free_port())
-        extra = {"GATEWAY_SEARCH_DIR": str(search_dir) if search_dir else "", **env}
+        extra = {"GATEWAY_CATALOG_DATABASE_URL": stack.postgres_url, **env}
         return cls(Stack(ports=ports, log_dir=root / "logs", extra_env=extra), root)
 
     @property

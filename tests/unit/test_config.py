@@ -48,3 +48,21 @@ def test_service_exits_with_clear_message_on_bad_config() -> None:
                                "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'gen'}"}, timeout=60)
     assert proc.returncode != 0
     assert "GATEWAY_DEFAULT_TOP_K=-3 must be >= 1" in proc.stderr
+
+
+def test_catalog_defaults_to_the_database_make_run_starts() -> None:
+    search = GatewayConfig.from_env({}).search
+    assert search.enabled and search.database_url == "postgresql://shopvision@127.0.0.1:55432/shopvision"
+    assert not GatewayConfig.from_env({"GATEWAY_CATALOG_DATABASE_URL": ""}).search.enabled
+
+
+@pytest.mark.parametrize("name", ["GATEWAY_SEARCH_DIR", "GATEWAY_SEARCH_PRECISION", "GATEWAY_SEARCH_MODEL_VERSION"])
+def test_settings_of_the_removed_per_pod_index_are_refused_with_the_way_forward(name: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        GatewayConfig.from_env({name: "x"})
+    assert name in str(error.value) and "GATEWAY_CATALOG_DATABASE_URL" in str(error.value)
+
+
+def test_duplicate_threshold_is_a_cosine_similarity() -> None:
+    with pytest.raises(ConfigError, match="GATEWAY_CATALOG_DUPLICATE_THRESHOLD"):
+        GatewayConfig.from_env({"GATEWAY_CATALOG_DUPLICATE_THRESHOLD": "1.5"})

@@ -1,0 +1,1 @@
+"""The shared product catalog: PostgreSQL + pgvector behind SearchSimilar, IndexProduct and friends."""
