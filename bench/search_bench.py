@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import shutil
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -251,6 +252,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so the private stack is stopped, not left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = measure(args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")

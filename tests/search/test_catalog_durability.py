@@ -24,6 +24,7 @@ from shopvision.v1 import recognition_pb2_grpc
 
 from devstack.stack import Ports, Stack
 from devstack.supervisor import Backoff, Supervisor
+from tests.metrics_util import scrape, value
 from tests.search.gateways import PrivateGateway
 from tools.catalog import CatalogItem, read_catalog
 
@@ -108,6 +109,10 @@ def test_acknowledged_writes_survive_a_database_kill_and_a_restart(stack: Stack,
     assert db.supervisor.restarts["postgres"] >= 1  # type: ignore[attr-defined]
     # A write that could not be committed said so: UNAVAILABLE (never OK, never INTERNAL).
     assert {code for _, code in failures} <= {grpc.StatusCode.UNAVAILABLE}, failures[:5]
+    if failures:  # ... and a metric counted each database failure
+        errors = value(scrape(gateway.stack.ports.gateway_metrics), "shopvision_gateway_upstream_errors_total",
+                       upstream="postgres", code="UNAVAILABLE")
+        assert errors >= len(failures)
     # The gateway wrote again once the database was back (whether the outage cost any call depends on timing:
     # the pool may reconnect within a call's deadline).
     assert len(acked) > 40 + WRITERS

@@ -168,8 +168,14 @@ def test_first_writes_racing_into_a_new_catalog_all_succeed(postgres: LocalPostg
             catalog, _ = await stores[0].create_catalog("racing", "m")
             rows = await asyncio.gather(*(store.bind_version(catalog, "3", DIM) for store in stores for _ in range(2)))
             vector = np.ones(DIM, dtype=np.float32) / np.sqrt(DIM)
-            await asyncio.gather(*(stores[i % 4].put(rows[0], NewProduct(f"r{i}", "c", {}, {}, b"x", {"3": vector}))
-                                   for i in range(16)))
+            # 16 new ids, then 8 of them again (replaces), then 4 deleted: the kept counter must equal count(*).
+            for ids in (range(16), range(8)):
+                await asyncio.gather(*(stores[i % 4].put(rows[0], NewProduct(f"r{i}", "c", {}, {}, b"x",
+                                                                             {"3": vector})) for i in ids))
+            sizes = await asyncio.gather(*(stores[i % 4].delete(rows[0], f"r{i}") for i in range(4)))
+            assert sorted(sizes) == [12, 13, 14, 15]
+            counted = await stores[0].get_catalog("racing", counts=True)
+            assert counted is not None and counted.product_count == 12
             return {row.model_version for row in rows}
         finally:
             for store in stores:

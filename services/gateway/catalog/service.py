@@ -53,6 +53,9 @@ CATALOG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 WRITE_ATTEMPTS = 3
+# HNSW search depth of the near-duplicate check: it wants only the few closest products, which a shallow search
+# finds (the searches of SearchSimilar use GATEWAY_SEARCH_EF).
+DUPLICATE_EF_SEARCH = 40
 
 
 @dataclass(frozen=True)
@@ -278,7 +281,8 @@ class CatalogService:
     async def _near_duplicates(self, catalog: CatalogRow, vector: np.ndarray, product_id: str) -> list[Hit]:
         async with database_errors("looking for near-duplicates"):
             hits = await self.store.search(catalog, catalog.model_version, vector,
-                                           self.settings.duplicate_candidates, exclude=product_id)
+                                           self.settings.duplicate_candidates, exclude=product_id,
+                                           ef_search=DUPLICATE_EF_SEARCH)
         return [hit for hit in hits if hit.score >= self.settings.duplicate_threshold]
 
     async def index_batch(self, items: Sequence[IndexItem], deadline: float,

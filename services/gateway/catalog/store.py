@@ -35,6 +35,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from services.common.errors import InvalidInput, NotFound, Unavailable
+from services.gateway import metrics
 from services.gateway.catalog.filters import Filter, filter_sql
 from services.gateway.catalog.migrate import migrate
 
@@ -169,6 +170,7 @@ async def database_errors(what: str) -> AsyncIterator[None]:
     except (psycopg.OperationalError, psycopg.errors.QueryCanceled, PoolTimeout) as error:
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         LOG.warning("catalog database error while %s: %s", what, detail)
+        metrics.UPSTREAM_ERRORS.labels("postgres", "UNAVAILABLE").inc()
         raise Unavailable(f"the catalog database is unavailable ({what}): {detail}", reason="catalog_db") from None
 
 
@@ -237,7 +239,7 @@ class CatalogStore:
 
     async def _with_counts(self, conn: psycopg.AsyncConnection, catalog: CatalogRow) -> CatalogRow:
         cursor = await conn.execute(
-            "SELECT (SELECT count(*) FROM products WHERE catalog_id = %(id)s),"
+            "SELECT coalesce((SELECT products FROM catalog_counts WHERE catalog_id = %(id)s), 0),"
             "       (SELECT count(*) FROM embeddings WHERE catalog_id = %(id)s AND model_version = %(v)s)",
             {"id": catalog.catalog_id, "v": catalog.reembed_version})
         products, reembedded = await cursor.fetchone()  # type: ignore[misc]
@@ -256,6 +258,8 @@ class CatalogStore:
                 "INSERT INTO catalogs (name, model) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING RETURNING name",
                 (name, model))
             created = await cursor.fetchone() is not None
+            await conn.execute("INSERT INTO catalog_counts (catalog_id) SELECT catalog_id FROM catalogs WHERE name = %s"
+                               " ON CONFLICT DO NOTHING", (name,))
             catalog = await self._catalog(conn, name, counts=True)
         assert catalog is not None
         if created:
@@ -327,7 +331,8 @@ class CatalogStore:
                      for version, vector in product.embeddings.items() if version in needed])
             if previous is not None and previous[0] != digest:
                 await self._drop_orphan_image(conn, previous[0])
-            size = await self._count(conn, current.catalog_id)
+            # Last, so that the counter's row lock (which serialises this catalog's writers) is held only briefly.
+            size = await self._count(conn, current.catalog_id, 0 if previous is not None else 1)
         return WriteResult(replaced=previous is not None, catalog_size=size)
 
     async def delete(self, catalog: CatalogRow, product_id: str) -> int:
@@ -339,7 +344,7 @@ class CatalogStore:
             if row is None:
                 raise NotFound(f"product {product_id!r} is not in catalog {catalog.name!r}", reason="unknown_product")
             await self._drop_orphan_image(conn, row[0])
-            return await self._count(conn, catalog.catalog_id)
+            return await self._count(conn, catalog.catalog_id, -1)
 
     async def _keep_image(self, conn: psycopg.AsyncConnection, digest: bytes, image: bytes) -> None:
         """Store the image (once per content) and hold it ``FOR KEY SHARE`` until commit, so a concurrent
@@ -361,14 +366,26 @@ class CatalogStore:
         except psycopg.errors.ForeignKeyViolation:
             pass
 
-    async def _count(self, conn: psycopg.AsyncConnection, catalog_id: int) -> int:
-        row = await (await conn.execute("SELECT count(*) FROM products WHERE catalog_id = %s",
-                                        (catalog_id,))).fetchone()
+    async def _count(self, conn: psycopg.AsyncConnection, catalog_id: int, change: int) -> int:
+        """Apply ``change`` to the catalog's product counter (in the caller's transaction); the count after it."""
+        if change == 0:
+            row = await (await conn.execute("SELECT products FROM catalog_counts WHERE catalog_id = %s",
+                                            (catalog_id,))).fetchone()
+        elif change < 0:  # (the CHECK would refuse a negative row proposed to an upsert before its conflict)
+            row = await (await conn.execute(
+                "UPDATE catalog_counts SET products = products + %s WHERE catalog_id = %s RETURNING products",
+                (change, catalog_id))).fetchone()
+        else:
+            row = await (await conn.execute(
+                "INSERT INTO catalog_counts AS c (catalog_id, products) VALUES (%s, %s) ON CONFLICT (catalog_id)"
+                " DO UPDATE SET products = c.products + excluded.products RETURNING c.products",
+                (catalog_id, change))).fetchone()
         return int(row[0]) if row else 0
 
     # -- reads ---------------------------------------------------------------------------------------------------
     async def search(self, catalog: CatalogRow, version: str, vector: np.ndarray, k: int, category: str = "",
-                     where: Filter | None = None, exclude: str = "", exact: bool = False) -> list[Hit]:
+                     where: Filter | None = None, exclude: str = "", exact: bool = False,
+                     ef_search: int | None = None) -> list[Hit]:
         """The ``k`` products nearest to ``vector`` among those embedded by ``version`` (one version only,
         never a mix), optionally of one category and matching an attribute filter. ``exact`` scans without
         the index (the reference that recall is measured against)."""
@@ -388,7 +405,9 @@ class CatalogStore:
                                ).format(typed=typed(dim)),
                  category=sql.SQL("e.category = %s") if category else sql.SQL("TRUE"), filter=condition)
         params = [query_vector, version, *([category] if category else []), *filter_params, exclude, query_vector, k]
-        async with self.connection() as conn:
+        async with self.connection() as conn, conn.transaction():
+            if ef_search is not None:  # for this query only (near-duplicates need just the closest few)
+                await conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef_search),))
             rows = await (await conn.execute(query, params)).fetchall()
         hits = [Hit(product_id, 1.0 - float(distance), cat, metadata, attributes)
                 for product_id, distance, cat, metadata, attributes in rows]
