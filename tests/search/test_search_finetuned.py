@@ -37,7 +37,7 @@ def finetuned_search(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> 
     gateway = PrivateGateway.on(stack, root).start()
     args = index_catalog.get_args_parser().parse_args(
         [f"fashion-mnist:train:{CATALOG}", "--gateway", gateway.address, "--state", str(root / "state.jsonl"),
-         "--catalog", CATALOG_NAME, "--concurrency", "8", "--no-progress"])
+         "--catalog", CATALOG_NAME, "--no-progress"])
     assert index_catalog.main(args) == 0
     yield gateway.address
     gateway.stack.stop()

@@ -35,7 +35,7 @@ def search_gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> It
     gateway = PrivateGateway.on(stack, root).start()
     args = index_catalog.get_args_parser().parse_args(
         [f"fashion-mnist:train:{CATALOG_SIZE}", "--gateway", gateway.address, "--state", str(root / "state.jsonl"),
-         "--catalog", CATALOG, "--model", MODEL, "--concurrency", "8", "--no-progress"])
+         "--catalog", CATALOG, "--model", MODEL, "--no-progress"])
     assert index_catalog.main(args) == 0
     yield gateway
     gateway.stack.stop()

@@ -53,9 +53,6 @@ CATALOG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 WRITE_ATTEMPTS = 3
-# HNSW search depth of the near-duplicate check: it wants only the few closest products, which a shallow search
-# finds (the searches of SearchSimilar use GATEWAY_SEARCH_EF).
-DUPLICATE_EF_SEARCH = 40
 
 
 @dataclass(frozen=True)
@@ -85,6 +82,26 @@ class IndexItem:
     attributes: Sequence[tuple[str, str]] = ()
     category: str = ""
     model: str = ""
+
+
+@dataclass
+class _Prepared:
+    """One validated item of an index call, with its catalog, pixels and embeddings by model version."""
+
+    item: IndexItem
+    product_id: str
+    metadata: dict[str, str]
+    attributes: dict[str, list[str]]
+    catalog: CatalogRow
+    model: Model
+    pixels: np.ndarray
+    embedded: dict[str, Embedded]
+    request_id: str
+
+    def category(self, serving_version: str) -> str:
+        """The category stored: the caller's, else metadata's "category", else the serving model's top-1."""
+        return (self.item.category.strip() or self.metadata.get(CATEGORY_KEY, "").strip()
+                or self.embedded[serving_version].label)
 
 
 @dataclass(frozen=True)
@@ -238,56 +255,15 @@ class CatalogService:
 
     # -- writes --------------------------------------------------------------------------------------------------
     async def index(self, item: IndexItem, deadline: float, request_id: str) -> Indexed:
-        product_id = validate_product_id(item.product_id)
-        metadata = validate_metadata(item.metadata or {})
-        attributes = normalise_attributes(item.attributes, self.settings.limits)
-        self.embedder.check_image(item.image)
-        catalog = await self._catalog_for_write(item.catalog, item.model)
-        model = await self.embedder.model(catalog.model)
-        pixels = await self.embedder.pixels(model, item.image, deadline, request_id)
-        embedded: dict[str, Embedded] = {}
-        for _ in range(WRITE_ATTEMPTS):
-            versions = [catalog.model_version, catalog.reembed_version] if catalog.model_version else [""]
-            for version in filter(lambda v: v not in embedded, versions):
-                if version or not embedded:
-                    result = await self.embedder.embed_pixels(model, pixels, version, deadline, request_id)
-                    embedded[result.model_version] = result
-            if not catalog.model_version:  # the catalog's first product binds the version it serves
-                first = next(iter(embedded.values()))
-                async with database_errors("binding the catalog's model version"):
-                    catalog = await self.store.bind_version(catalog, first.model_version, first.vector.shape[0])
-                continue
-            serving = embedded[catalog.model_version]
-            category = (item.category.strip() or metadata.get(CATEGORY_KEY, "").strip() or serving.label)
-            product = NewProduct(product_id, category, metadata, attributes, item.image,
-                                 {version: e.vector for version, e in embedded.items()})
-            try:
-                hop = time.perf_counter()
-                async with database_errors("writing the product"):
-                    written = await self.store.put(catalog, product)
-                metrics.HOP_SECONDS.labels("index").observe(time.perf_counter() - hop)
-            except StaleVersion as stale:
-                catalog = stale.catalog
-                continue
-            duplicates = await self._near_duplicates(catalog, serving.vector, product_id)
-            LOG.info("indexed", extra={"fields": {
-                "catalog": catalog.name, "product_id": product_id, "label": category, "replaced": written.replaced,
-                "model_version": catalog.model_version, "near_duplicates": len(duplicates)}})
-            return Indexed(catalog.name, catalog.model, catalog.model_version, category, written.replaced,
-                           written.catalog_size, duplicates)
-        raise Unavailable(f"catalog {catalog.name!r} kept switching model versions; try again",
-                          reason="catalog_busy")
-
-    async def _near_duplicates(self, catalog: CatalogRow, vector: np.ndarray, product_id: str) -> list[Hit]:
-        async with database_errors("looking for near-duplicates"):
-            hits = await self.store.search(catalog, catalog.model_version, vector,
-                                           self.settings.duplicate_candidates, exclude=product_id,
-                                           ef_search=DUPLICATE_EF_SEARCH)
-        return [hit for hit in hits if hit.score >= self.settings.duplicate_threshold]
+        result = (await self._index_many([item], deadline, [request_id]))[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     async def index_batch(self, items: Sequence[IndexItem], deadline: float,
                           request_id: str) -> list[Indexed | ShopvisionError]:
-        """Each item succeeds or fails on its own; the same product twice in one batch fails the whole call."""
+        """Each item succeeds or fails on its own; the same product twice in one batch fails the whole call.
+        The items of one catalog are written in one transaction."""
         seen: dict[tuple[str, str], int] = {}
         for position, item in enumerate(items):
             key = (item.catalog or DEFAULT_CATALOG, item.product_id)
@@ -295,14 +271,83 @@ class CatalogService:
                 raise InvalidInput(f"product_id {item.product_id!r} of catalog {key[0]!r} appears twice in one "
                                    f"batch (items {seen[key]} and {position})", reason="duplicate_in_batch")
             seen[key] = position
-        results = await asyncio.gather(*(self.index(item, deadline, f"{request_id}-{i}")
-                                         for i, item in enumerate(items)), return_exceptions=True)
-        out: list[Indexed | ShopvisionError] = []
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, ShopvisionError):
-                raise result
-            out.append(result)
-        return out
+        return await self._index_many(items, deadline, [f"{request_id}-{i}" for i in range(len(items))])
+
+    async def _index_many(self, items: Sequence[IndexItem], deadline: float,
+                          item_ids: list[str]) -> list[Indexed | ShopvisionError]:
+        prepared = await asyncio.gather(*(self._prepare(item, deadline, rid) for item, rid in zip(
+            items, item_ids, strict=True)), return_exceptions=True)
+        out: list[Indexed | ShopvisionError | None] = [None] * len(items)
+        groups: dict[str, list[tuple[int, _Prepared]]] = {}
+        for position, ready in enumerate(prepared):
+            if isinstance(ready, BaseException):
+                if not isinstance(ready, ShopvisionError):
+                    raise ready
+                out[position] = ready
+            else:
+                groups.setdefault(ready.catalog.name, []).append((position, ready))
+        for group in groups.values():
+            written: list[Indexed | ShopvisionError]
+            try:
+                written = list(await self._write_group([ready for _, ready in group], deadline))
+            except ShopvisionError as error:  # the group's transaction failed: none of its items was written
+                written = [error] * len(group)
+            for (position, _), result in zip(group, written, strict=True):
+                out[position] = result
+        return [result for result in out if result is not None]
+
+    async def _prepare(self, item: IndexItem, deadline: float, request_id: str) -> _Prepared:
+        """Validate one item, find (or create) its catalog and embed it with every version the catalog needs."""
+        product_id = validate_product_id(item.product_id)
+        metadata = validate_metadata(item.metadata or {})
+        attributes = normalise_attributes(item.attributes, self.settings.limits)
+        self.embedder.check_image(item.image)
+        catalog = await self._catalog_for_write(item.catalog, item.model)
+        model = await self.embedder.model(catalog.model)
+        ready = _Prepared(item, product_id, metadata, attributes, catalog, model,
+                          await self.embedder.pixels(model, item.image, deadline, request_id), {}, request_id)
+        if not catalog.model_version:  # the catalog's first product binds the version it serves
+            first = await self.embedder.embed_pixels(model, ready.pixels, "", deadline, request_id)
+            ready.embedded[first.model_version] = first
+            async with database_errors("binding the catalog's model version"):
+                ready.catalog = await self.store.bind_version(catalog, first.model_version, first.vector.shape[0])
+        await self._embed_versions(ready, ready.catalog, deadline)
+        return ready
+
+    async def _embed_versions(self, ready: _Prepared, catalog: CatalogRow, deadline: float) -> None:
+        for version in (catalog.model_version, catalog.reembed_version):
+            if version and version not in ready.embedded:
+                ready.embedded[version] = await self.embedder.embed_pixels(ready.model, ready.pixels, version,
+                                                                           deadline, ready.request_id)
+
+    async def _write_group(self, group: list[_Prepared], deadline: float) -> list[Indexed]:
+        """Write products of one catalog in one transaction, embedding again if the catalog switched versions."""
+        catalog = group[0].catalog
+        for _ in range(WRITE_ATTEMPTS):
+            products = [NewProduct(ready.product_id, ready.category(catalog.model_version), ready.metadata,
+                                   ready.attributes, ready.item.image,
+                                   {version: e.vector for version, e in ready.embedded.items()}) for ready in group]
+            try:
+                hop = time.perf_counter()
+                async with database_errors("writing products"):
+                    written = await self.store.put_many(catalog, products, self.settings.duplicate_candidates)
+                metrics.HOP_SECONDS.labels("index").observe(time.perf_counter() - hop)
+            except StaleVersion as stale:
+                catalog = stale.catalog
+                await asyncio.gather(*(self._embed_versions(ready, catalog, deadline) for ready in group))
+                continue
+            results = []
+            for product, result in zip(products, written, strict=True):
+                duplicates = [hit for hit in result.duplicates if hit.score >= self.settings.duplicate_threshold]
+                LOG.info("indexed", extra={"fields": {
+                    "catalog": catalog.name, "product_id": product.product_id, "label": product.category,
+                    "replaced": result.replaced, "model_version": catalog.model_version,
+                    "near_duplicates": len(duplicates), "batch": len(group)}})
+                results.append(Indexed(catalog.name, catalog.model, catalog.model_version, product.category,
+                                       result.replaced, result.catalog_size, duplicates))
+            return results
+        raise Unavailable(f"catalog {catalog.name!r} kept switching model versions; try again",
+                          reason="catalog_busy")
 
     async def delete(self, catalog: str, product_id: str) -> int:
         product_id = validate_product_id(product_id)

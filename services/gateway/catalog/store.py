@@ -44,6 +44,9 @@ LOG = logging.getLogger(__name__)
 DEFAULT_CATALOG = "default"
 # First key of the advisory lock that serialises index creation per catalog (the second key is the catalog id).
 INDEX_LOCK = 0x73766978  # "svix"
+# HNSW search depth of the near-duplicate check: it wants only the few closest products, which a shallow search
+# finds (the searches of SearchSimilar use GATEWAY_SEARCH_EF).
+DUPLICATE_EF_SEARCH = 40
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ class NewProduct:
 class WriteResult:
     replaced: bool
     catalog_size: int
+    duplicates: list[Hit] = field(default_factory=list)
 
 
 class StaleVersion(Exception):
@@ -294,46 +298,72 @@ class CatalogStore:
                  version=sql.Literal(version)))
 
     # -- writes --------------------------------------------------------------------------------------------------
-    async def put(self, catalog: CatalogRow, product: NewProduct) -> WriteResult:
-        """Insert or atomically replace one product with its image and embeddings, in one transaction.
+    async def put(self, catalog: CatalogRow, product: NewProduct, duplicates_k: int = 0) -> WriteResult:
+        """Insert or atomically replace one product (see :meth:`put_many`)."""
+        return (await self.put_many(catalog, [product], duplicates_k))[0]
+
+    async def put_many(self, catalog: CatalogRow, products: Sequence[NewProduct],
+                       duplicates_k: int = 0) -> list[WriteResult]:
+        """Insert or atomically replace products (distinct ids) with their images and embeddings, all in one
+        transaction (a batch costs one commit, one catalog lock and one counter update), and find each one's
+        ``duplicates_k`` nearest other products of the catalog in the same transaction.
 
         Holds the catalog row ``FOR SHARE``: a version switch (``FOR UPDATE``) waits for the write, and a write
         that was embedded for versions the catalog no longer needs raises :class:`StaleVersion`.
         """
-        digest = sha256(product.image)
         async with self.connection() as conn, conn.transaction():
             current = await self._catalog(conn, catalog.name, lock="FOR SHARE")
             if current is None:
                 raise NotFound(f"catalog {catalog.name!r} was deleted", reason="unknown_catalog")
             needed = {v for v in (current.model_version, current.reembed_version) if v}
-            if not needed <= set(product.embeddings):
+            if any(not needed <= set(product.embeddings) for product in products):
                 raise StaleVersion(current)
-            await self._keep_image(conn, digest, product.image)
-            cursor = await conn.execute(
-                "SELECT image_sha256 FROM products WHERE catalog_id = %s AND product_id = %s FOR UPDATE",
-                (current.catalog_id, product.product_id))
-            previous = await cursor.fetchone()
-            await conn.execute(
-                "INSERT INTO products AS p (catalog_id, product_id, category, metadata, attributes, image_sha256,"
-                "                           image_bytes) VALUES (%s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (catalog_id, product_id) DO UPDATE SET category = excluded.category,"
-                "  metadata = excluded.metadata, attributes = excluded.attributes,"
-                "  image_sha256 = excluded.image_sha256, image_bytes = excluded.image_bytes, updated_at = now()",
-                (current.catalog_id, product.product_id, product.category, Jsonb(product.metadata),
-                 Jsonb(product.attributes), digest, len(product.image)))
-            await conn.execute("DELETE FROM embeddings WHERE catalog_id = %s AND product_id = %s",
-                               (current.catalog_id, product.product_id))
-            async with conn.cursor() as cur:
-                await cur.executemany(
-                    "INSERT INTO embeddings (catalog_id, product_id, model_version, embedding, category) "
-                    "VALUES (%s, %s, %s, %s, %s)",
-                    [(current.catalog_id, product.product_id, version, Vector(vector), product.category)
-                     for version, vector in product.embeddings.items() if version in needed])
-            if previous is not None and previous[0] != digest:
-                await self._drop_orphan_image(conn, previous[0])
+            if duplicates_k:  # near-duplicates want only the closest few: a shallow search, this transaction only
+                await conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(DUPLICATE_EF_SEARCH),))
+            replaced: list[bool] = []
+            duplicates: list[list[Hit]] = []
+            for product in products:
+                replaced.append(await self._write(conn, current, product, needed))
+                duplicates.append(await self._hits(conn, current, current.model_version,
+                                                   product.embeddings[current.model_version], duplicates_k,
+                                                   exclude=product.product_id) if duplicates_k else [])
             # Last, so that the counter's row lock (which serialises this catalog's writers) is held only briefly.
-            size = await self._count(conn, current.catalog_id, 0 if previous is not None else 1)
-        return WriteResult(replaced=previous is not None, catalog_size=size)
+            size = await self._count(conn, current.catalog_id, replaced.count(False))
+        return [WriteResult(was, size, dups) for was, dups in zip(replaced, duplicates, strict=True)]
+
+    async def _write(self, conn: psycopg.AsyncConnection, catalog: CatalogRow, product: NewProduct,
+                     needed: set[str]) -> bool:
+        """One product's rows, in the caller's transaction; whether it replaced an existing product."""
+        digest = sha256(product.image)
+        await self._keep_image(conn, digest, product.image)
+        cursor = await conn.execute(
+            # The statement's snapshot gives the row as it was (no FOR UPDATE here: a locking CTE whose row the
+            # upsert then updates returns nothing). A concurrent replace of the same id can make this image stale;
+            # then at worst an unused image row stays behind, never a product without its image.
+            "WITH old AS (SELECT image_sha256 FROM products WHERE catalog_id = %(c)s AND product_id = %(p)s)"
+            " INSERT INTO products AS p (catalog_id, product_id, category, metadata, attributes, image_sha256,"
+            "                            image_bytes) VALUES (%(c)s, %(p)s, %(cat)s, %(meta)s, %(attr)s, %(d)s, %(n)s)"
+            " ON CONFLICT (catalog_id, product_id) DO UPDATE SET category = excluded.category,"
+            "  metadata = excluded.metadata, attributes = excluded.attributes,"
+            "  image_sha256 = excluded.image_sha256, image_bytes = excluded.image_bytes, updated_at = now()"
+            " RETURNING (SELECT image_sha256 FROM old)",
+            {"c": catalog.catalog_id, "p": product.product_id, "cat": product.category,
+             "meta": Jsonb(product.metadata), "attr": Jsonb(product.attributes), "d": digest,
+             "n": len(product.image)})
+        row = await cursor.fetchone()
+        previous = row[0] if row else None
+        if previous is not None:
+            await conn.execute("DELETE FROM embeddings WHERE catalog_id = %s AND product_id = %s",
+                               (catalog.catalog_id, product.product_id))
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO embeddings (catalog_id, product_id, model_version, embedding, category) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                [(catalog.catalog_id, product.product_id, version, Vector(vector), product.category)
+                 for version, vector in product.embeddings.items() if version in needed])
+        if previous is not None and bytes(previous) != digest:
+            await self._drop_orphan_image(conn, bytes(previous))
+        return previous is not None
 
     async def delete(self, catalog: CatalogRow, product_id: str) -> int:
         """Remove one product (committed before this returns); the catalog's size after. NotFound when absent."""
@@ -384,11 +414,16 @@ class CatalogStore:
 
     # -- reads ---------------------------------------------------------------------------------------------------
     async def search(self, catalog: CatalogRow, version: str, vector: np.ndarray, k: int, category: str = "",
-                     where: Filter | None = None, exclude: str = "", exact: bool = False,
-                     ef_search: int | None = None) -> list[Hit]:
+                     where: Filter | None = None, exclude: str = "", exact: bool = False) -> list[Hit]:
         """The ``k`` products nearest to ``vector`` among those embedded by ``version`` (one version only,
         never a mix), optionally of one category and matching an attribute filter. ``exact`` scans without
         the index (the reference that recall is measured against)."""
+        async with self.connection() as conn:
+            return await self._hits(conn, catalog, version, vector, k, category, where, exclude, exact)
+
+    async def _hits(self, conn: psycopg.AsyncConnection, catalog: CatalogRow, version: str, vector: np.ndarray,
+                    k: int, category: str = "", where: Filter | None = None, exclude: str = "",
+                    exact: bool = False) -> list[Hit]:
         dim = int(vector.shape[0])
         query_vector = Vector(vector)
         condition, filter_params = filter_sql(where or Filter(()), sql.SQL("p.attributes"))
@@ -405,10 +440,7 @@ class CatalogStore:
                                ).format(typed=typed(dim)),
                  category=sql.SQL("e.category = %s") if category else sql.SQL("TRUE"), filter=condition)
         params = [query_vector, version, *([category] if category else []), *filter_params, exclude, query_vector, k]
-        async with self.connection() as conn, conn.transaction():
-            if ef_search is not None:  # for this query only (near-duplicates need just the closest few)
-                await conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef_search),))
-            rows = await (await conn.execute(query, params)).fetchall()
+        rows = await (await conn.execute(query, params)).fetchall()
         hits = [Hit(product_id, 1.0 - float(distance), cat, metadata, attributes)
                 for product_id, distance, cat, metadata, attributes in rows]
         # relaxed_order iterative scans may return rows slightly out of order: the final order is by score.
