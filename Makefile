@@ -14,15 +14,24 @@ PYTEST_ARGS ?=
 RUN_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup deps venv protos models run test lint clean
+.PHONY: help setup deps buf venv protos models run test test-quick lint docs clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 setup: deps venv protos models ## everything `make run` and `make test` need
 
-deps: ## Debian packages (apt-get, only those missing)
+deps: buf ## Debian packages (apt-get, only those missing) and the pinned buf CLI
 	@bash tools/apt-install.sh $(APT_PACKAGES)
+
+# buf (protos lint + breaking-change check) from the npm registry, pinned by package-lock.json.
+BUF := node_modules/.bin/buf
+BUF_STAMP := node_modules/.installed
+buf: $(BUF_STAMP) ## the buf CLI pinned in package-lock.json, into node_modules/ (npm ci)
+$(BUF_STAMP): package.json package-lock.json
+	@command -v npm >/dev/null 2>&1 || bash tools/apt-install.sh npm
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 venv: $(STAMP) ## .venv with every Python dependency (pinned)
 $(STAMP): $(REQUIREMENTS)
@@ -40,7 +49,7 @@ $(GEN_STAMP): $(PROTOS) $(STAMP)
 	touch gen/shopvision/__init__.py gen/shopvision/v1/__init__.py $@
 
 models: $(IMAGENET_MODEL) ## export the ONNX models into model_repository/
-$(IMAGENET_MODEL): training/export_imagenet.py training/onnx_export.py $(STAMP)
+$(IMAGENET_MODEL): training/export_imagenet.py training/nets/imagenet.py training/nets/wrapper.py training/onnx/export.py $(STAMP)
 	$(PY) -m training.export_imagenet --repository model_repository
 
 run: setup ## start Triton + preprocess + gateway on loopback, classify a sample, serve until Ctrl-C
@@ -50,9 +59,19 @@ test: setup ## run the whole test suite (starts every server it needs)
 	$(PY) -m pytest $(PYTEST_ARGS) tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
-lint: venv protos ## ruff + mypy
+test-quick: setup ## the suite without the tests marked slow (-m "not slow"), for iterating; make test runs all
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS) tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+lint: venv protos buf ## ruff + mypy + buf lint + buf breaking (against protos/released/, the last released API)
 	$(VENV)/bin/ruff check services devstack training tests tools bench
 	$(VENV)/bin/mypy services devstack training tools bench
+	$(BUF) lint
+	$(BUF) breaking protos --against protos/released/v1.binpb
+	$(PY) -m tools.docs_numbers --check
+
+docs: venv ## write the model numbers in README.md and docs/MODELS.md from the model cards' files
+	$(PY) -m tools.docs_numbers
 
 clean: ## remove generated files (keeps .venv)
 	rm -rf gen .cache .pytest_cache $(IMAGENET_MODEL)
@@ -63,7 +82,7 @@ GHZ_CONFIGS ?= bench/ghz/classify_concurrency.json bench/ghz/classify_rps.json
 BENCH_ARGS ?=
 .PHONY: bench bench-data loadtest
 
-bench: setup ## side by side: ORT ceiling, Triton direct, full stack, naive peer -> docs/BENCHMARKS.md (~5 min)
+bench: setup ## side by side: ORT ceiling, Triton direct, full stack, naive peer -> docs/BENCHMARKS.md (wall time recorded there)
 	$(PY) -m bench $(BENCH_ARGS)
 
 bench-data: venv protos ## regenerate the request data the ghz configs send (bench/ghz/data/)
@@ -106,7 +125,7 @@ K8S_RENDER = $(PYTHON) deploy/k8s/tools/render.py --kubectl $(KUBECTL) --overlay
 images: ## docker build + push shopvision-gateway/-preprocess to REGISTRY with TAG (default: git describe)
 	@test -n "$(REGISTRY)" || { echo "set REGISTRY, e.g. make images REGISTRY=ghcr.io/acme" >&2; exit 2; }
 	set -e; for service in gateway preprocess; do \
-	  $(DOCKER) build -f services/$$service/Dockerfile -t $(REGISTRY)/shopvision-$$service:$(TAG) .; \
+	  $(DOCKER) build -f services/Dockerfile --build-arg SERVICE=$$service -t $(REGISTRY)/shopvision-$$service:$(TAG) .; \
 	  $(DOCKER) push $(REGISTRY)/shopvision-$$service:$(TAG); \
 	done
 
@@ -145,7 +164,7 @@ rules-test: deps ## promtool check + unit tests of the Prometheus rules (deploy/
 	  promtool test rules shopvision.rules.test.yml
 
 # --- Model pipeline: train -> evaluate -> compress -> ONNX -> publish (training/, docs/MODELS.md) ----------------
-# make train TRAIN_DEVICE=cuda TRAIN_THREADS=8: the whole Fashion-MNIST pipeline (one H100: ~5 min for training).
+# make train TRAIN_DEVICE=cuda TRAIN_THREADS=8: the whole Fashion-MNIST pipeline (its wall time lands in each run.json).
 # make publish PUBLISH_RUN=runs/fashion/effnet PUBLISH_MODEL=fashion_effnet [PUBLISH_TRITON=127.0.0.1:8001]
 TRAIN_RUNS ?= runs
 TRAIN_DEVICE ?= cpu

@@ -1,1 +1,2 @@
-"""Load generation and side-by-side benchmarks of shopvision (``make bench``, ``make loadtest``)."""
+"""shopvision's benchmarks: one module per job (``run`` is ``make bench``, ``loadgen``, ``overload``, ``soak``,
+``search_bench``, ``ceiling``, ``ghz_data``, ``gpu/``) on a shared harness (:mod:`bench.harness`)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -17,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from bench.harness.procstat import self_cpu_seconds
+from bench.harness.results import configure_logging
 
 LOG = logging.getLogger("ceiling")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +59,7 @@ def measure(sess: ort.InferenceSession, images: Sequence[np.ndarray], batch: int
     for _ in range(warmup):
         sess.run(["logits"], feed)
     latencies = []
-    cpu_start = _cpu_seconds()
+    cpu_start = self_cpu_seconds()
     start = time.perf_counter()
     while True:
         t = time.perf_counter()
@@ -66,16 +68,11 @@ def measure(sess: ort.InferenceSession, images: Sequence[np.ndarray], batch: int
         if time.perf_counter() - start >= seconds and len(latencies) >= 3:
             break
     elapsed = time.perf_counter() - start
-    cpu_ms = (_cpu_seconds() - cpu_start) * 1e3 / (len(latencies) * batch)
+    cpu_ms = (self_cpu_seconds() - cpu_start) * 1e3 / (len(latencies) * batch)
     ordered = np.sort(latencies)
     return CeilingResult(batch, threads, spinning, len(latencies) * batch / elapsed,
                          float(np.percentile(ordered, 50) * 1e3), float(np.percentile(ordered, 99) * 1e3),
                          len(latencies), cpu_ms)
-
-
-def _cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
 
 
 def run(model: Path, images: Sequence[np.ndarray], batch_sizes: Sequence[int], threads: int,
@@ -102,8 +99,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> list[CeilingResult]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from bench.images import SIZES, model_spec, synthesize, tensors
+    configure_logging()
+    from bench.harness.data import SIZES, model_spec, synthesize, tensors
 
     images = tensors(synthesize(*SIZES[0]), model_spec())
     results = run(args.model, images, [int(b) for b in args.batch_sizes.split(",")], args.threads, args.seconds,

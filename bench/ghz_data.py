@@ -14,23 +14,14 @@ import json
 import logging
 from pathlib import Path
 
-import cv2
 from google.protobuf import json_format
 
+from bench.harness.data import jpeg_of
+from bench.harness.results import configure_logging
 from devstack.stack import sample_photo
 
 LOG = logging.getLogger("ghz_data")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def jpeg_of(photo: Path, quality: int = 90) -> bytes:
-    image = cv2.imread(str(photo), cv2.IMREAD_COLOR)
-    if image is None:
-        raise RuntimeError(f"cannot read {photo}")
-    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise RuntimeError(f"cannot encode {photo} as JPEG")
-    return encoded.tobytes()
 
 
 def write(out_dir: Path, photo: Path, top_k: int = 5) -> tuple[Path, Path]:
@@ -55,7 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     photo = Path(args.photo) if Path(args.photo).exists() else sample_photo(args.photo)
     for path in write(args.out_dir, photo, args.top_k):
         LOG.info("wrote %s (%d bytes)", path, path.stat().st_size)

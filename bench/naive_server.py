@@ -28,10 +28,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
 
+from training.repository.layout import IMAGENET_ENSEMBLE, classifier_name
+
 LOG = logging.getLogger("naive_server")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODEL_NAME = "efficientnet_lite0_imagenet"
-DEFAULT_MODEL = REPO_ROOT / "model_repository" / "efficientnet_lite0_imagenet_onnx" / "1" / "model.onnx"
+MODEL_NAME = IMAGENET_ENSEMBLE
+DEFAULT_MODEL = REPO_ROOT / "model_repository" / classifier_name(MODEL_NAME) / "1" / "model.onnx"
 DEFAULT_LABELS = REPO_ROOT / "model_repository" / MODEL_NAME / "labels.txt"
 SERVICE_NAME = recognition_pb2.DESCRIPTOR.services_by_name["ProductRecognition"].full_name
 

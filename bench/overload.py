@@ -11,86 +11,18 @@ numbers in docs/RELIABILITY.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import logging
-import threading
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
-
-from bench.loadgen import GrpcTarget, classify_payloads_from_bytes, closed_loop, describe, open_loop, summarize
-from devstack.stack import Ports, Stack, sample_photo
+from bench.harness.data import CALL, classify_payloads_from_bytes, jpeg_photo
+from bench.harness.load import GrpcTarget, closed_loop, open_loop
+from bench.harness.procstat import MemorySampler
+from bench.harness.stack import report_on_private_stack
+from bench.harness.summary import describe, summarize
+from devstack.stack import Stack
 
 LOG = logging.getLogger("overload")
-CALL = "shopvision.v1.ProductRecognition.Classify"
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident memory of ``pid`` and all its descendants (Triton's backend stubs are children)."""
-    total = 0
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                total += rss_bytes(int(child))
-    except (OSError, ValueError):
-        pass
-    return total
-
-
-@dataclass
-class MemorySampler:
-    """Samples the RSS of each service of ``stack`` every ``interval_s`` in a thread."""
-
-    stack: Stack
-    interval_s: float = 0.5
-    samples: dict[str, list[int]] = field(default_factory=dict)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def sample(self) -> None:
-        for name, proc in self.stack.processes.items():
-            self.samples.setdefault(name, []).append(rss_bytes(proc.pid))
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
-    def __enter__(self) -> MemorySampler:
-        self.sample()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
-        self.sample()
-
-    def report(self) -> dict[str, dict[str, float]]:
-        return {name: {"start_mib": values[0] / 2**20, "peak_mib": max(values) / 2**20,
-                       "end_mib": values[-1] / 2**20} for name, values in self.samples.items() if values}
-
-
-def jpeg_photo(name: str = "coffee.png", quality: int = 90) -> bytes:
-    """A sample photo as a JPEG (what shop clients send; cheaper for the load generator than PNG)."""
-    image = cv2.imread(str(sample_photo(name)), cv2.IMREAD_COLOR)
-    ok, buffer = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    assert ok
-    return buffer.tobytes()
-
-
-def start_stack(log_dir: Path, env: dict[str, str]) -> Stack:
-    stack = Stack(ports=Ports.free(), log_dir=log_dir, extra_env=env)
-    LOG.info("starting a private stack (logs in %s) ...", log_dir)
-    return stack.start()
 
 
 def shed_summary(summary: dict[str, Any]) -> dict[str, Any]:
@@ -144,25 +76,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="service logs (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=None, help="write the JSON report here (default: print)")
     return parser
-
-
-def report_on_private_stack(
-    args: argparse.Namespace, env: dict[str, str],
-    measure_on: Callable[[Stack, argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]],
-) -> dict[str, Any]:
-    """Start a private stack with ``env``, run ``measure_on`` against it, print the JSON report
-    (and write it to ``args.output`` when given), stop the stack."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stack = start_stack(args.log_dir, env)
-    try:
-        report = asyncio.run(measure_on(stack, args))
-    finally:
-        stack.stop()
-    text = json.dumps(report, indent=2)
-    if args.output:
-        args.output.write_text(text + "\n")
-    print(text)
-    return report
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""Turn ``make bench`` results into the side-by-side table, the targets check, plots and Markdown."""
+"""Turn ``make bench`` results into the side-by-side table, the targets check, plots and Markdown.
+
+``derive`` reduces a results dict to the headline numbers, ``targets`` judges them against the issue's four
+targets ("met" / "missed"); ``markdown`` is the generated block of docs/BENCHMARKS.md between ``BEGIN`` and
+``END`` (written by :func:`bench.harness.results.write_section`).
+"""
 from __future__ import annotations
 
 import math
@@ -7,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import latency_ms, ok_rps, plot_latency_vs_throughput
+from bench.harness.summary import latency_ms, ok_rps, plot_latency_vs_throughput
 
 BEGIN = "<!-- bench:results:begin -->"
 END = "<!-- bench:results:end -->"
@@ -278,16 +283,3 @@ def _size_plot(results: Mapping[str, Any], path: Path) -> Path:
     figure.savefig(path)
     plt.close(figure)
     return path
-
-
-def write_section(doc: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replace the text between the markers in ``doc`` (append the section when they are missing)."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
-    if begin in text and end in text:
-        head, _, rest = text.partition(begin)
-        _, _, tail = rest.partition(end)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)

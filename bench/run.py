@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import logging
 import os
-import platform
 import shlex
 import sys
 import time
@@ -37,25 +35,26 @@ import numpy as np
 
 from bench import ceiling as ceiling_mod
 from bench import report
-from bench.images import SIZES, ImageSet, model_spec, synthesize, tensors
-from bench.loadgen import (
-    CallFn,
-    GrpcTarget,
+from bench.harness.data import (
+    CALL,
+    ENSEMBLE,
+    SIZES,
+    ImageSet,
     classify_payloads_from_bytes,
-    closed_loop,
-    describe,
-    ok_rps,
-    open_loop,
-    summarize,
+    model_spec,
+    synthesize,
+    tensors,
 )
-from bench.procstat import model_counters, scrape, self_cpu_seconds, session_cpu_seconds
+from bench.harness.load import CallFn, GrpcTarget, closed_loop, open_loop
+from bench.harness.procstat import model_counters, scrape, self_cpu_seconds, session_cpu_seconds
+from bench.harness.results import configure_logging, machine_info, write_json, write_section
+from bench.harness.stack import private_stack
+from bench.harness.summary import describe, ok_rps, summarize
 from bench.targets import NaivePeer, TritonTarget
-from devstack.stack import REPO_ROOT, Ports, Stack
+from devstack.stack import REPO_ROOT, Stack
 
 LOG = logging.getLogger("bench")
-ENSEMBLE = "efficientnet_lite0_imagenet"
 CLASSIFIER = "efficientnet_lite0_imagenet_onnx"
-CALL = "shopvision.v1.ProductRecognition.Classify"
 
 
 @dataclass(frozen=True)
@@ -76,33 +75,6 @@ class Plan:
         return cls(args.seconds, args.size_seconds, ints(args.concurrency), ints(args.size_concurrency),
                    tuple(float(x) for x in args.open_loop.split(",") if x), ints(args.batch_sizes), args.threads,
                    args.warmup, args.naive_workers)
-
-
-# The CPU features that decide which kernels ONNX Runtime, OpenCV and pgvector run (recorded with every result).
-RELEVANT_CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                      "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
-
-
-def cpu_model_and_flags() -> tuple[str, list[str]]:
-    """``model name`` and the relevant ``flags`` of the first CPU in /proc/cpuinfo (empty where unreadable)."""
-    model, flags = "", []  # type: tuple[str, list[str]]
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return model, flags
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
-    present = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
-    return model, [flag for flag in RELEVANT_CPU_FLAGS if flag in present]
-
-
-def machine_info() -> dict[str, Any]:
-    model, flags = cpu_model_and_flags()
-    import onnxruntime
-
-    return {"nproc": os.cpu_count(), "cpu_model": model, "cpu_flags": flags, "platform": platform.platform(),
-            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "loadavg_start": os.getloadavg()}
 
 
 class Probe:
@@ -274,16 +246,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def publish(results: dict[str, Any], out_doc: Path, out_dir: Path) -> None:
     """Write results.json, the plots and the doc's results section; print the side-by-side table."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    write_json(results, out_dir / "results.json", indent=1, default=float)
     plots = report.plots(results, out_dir)
-    report.write_section(out_doc, report.markdown(results, plots, out_doc.parent))
+    write_section(out_doc, report.markdown(results, plots, out_doc.parent), report.BEGIN, report.END)
     print(report.table(results), flush=True)
     LOG.info("wrote %s, %s and %s", out_doc, out_dir / "results.json", ", ".join(str(p) for p in plots))
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     if args.from_results is not None:
         stored: dict[str, Any] = json.loads(args.from_results.read_text())
         publish(stored, args.out_doc, args.out_dir)
@@ -308,13 +279,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if "stack" not in skip:
         LOG.info("2-3/4 private stack on free ports: Triton direct, then the gateway")
         env = dict(item.split("=", 1) for item in args.stack_env)
-        stack = Stack(ports=Ports.free(), model_repository=args.model_repository, log_dir=args.log_dir,
-                      extra_env=env)
-        stack.start()
-        try:
+        with private_stack(args.log_dir, env, model_repository=args.model_repository) as stack:
             results.update(asyncio.run(stack_phase(stack, plan, images, base_tensors)))
-        finally:
-            stack.stop()
     if "naive" not in skip:
         LOG.info("4/4 naive peer")
         with NaivePeer(workers=args.naive_workers, log_path=args.log_dir / "naive.log") as peer:

@@ -6,7 +6,8 @@ Starts a private stack on free loopback ports (Triton, preprocess, gateway and a
 under .cache/search-bench/), then
 
 1. bulk-indexes ``--size`` Fashion-MNIST training images as products of one catalog on ``fashion_effnet``
-   (``tools.index_catalog``'s own code: IndexProduct calls, ``--index-concurrency`` in flight) — img/s;
+   (``tools.index_catalog``'s own code: IndexProductBatch calls of ``--index-batch``, ``--index-concurrency``
+   in flight) — img/s;
 2. sends ``--queries`` Fashion-MNIST test images as SearchSimilar calls, ``--concurrency`` in flight, without a
    filter, with a category, with an attribute filter and with both — p50 / p99 / throughput per variant;
 3. computes exact top-k for the same queries in-process (the served ONNX file with the serving path's own
@@ -32,8 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.report import write_section
-from bench.run import machine_info
+from bench.harness.results import machine_info, write_section
 from devstack.stack import REPO_ROOT, Ports, Stack
 
 LOG = logging.getLogger("search_bench")
@@ -58,8 +58,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="SearchSimilar calls per variant: Fashion-MNIST test images (default: %(default)s)")
     parser.add_argument("--k", type=int, default=10, help="matches per search (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=8, help="searches in flight (default: %(default)s)")
-    parser.add_argument("--index-concurrency", type=int, default=16,
-                        help="IndexProduct calls in flight while bulk indexing (default: %(default)s)")
+    parser.add_argument("--index-concurrency", type=int, default=3,
+                        help="IndexProductBatch calls in flight while bulk indexing (default: %(default)s)")
+    parser.add_argument("--index-batch", type=int, default=16,
+                        help="products per IndexProductBatch call (default: %(default)s)")
     parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / ".cache" / "search-bench",
                         help="PostgreSQL data and logs of the private stack; emptied first (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "bench" / "search-results.json",
@@ -110,11 +112,13 @@ def bulk_index(stack: Stack, args: argparse.Namespace, items: list) -> dict[str,
 
     index_args = index_catalog.get_args_parser().parse_args(
         ["fashion-mnist:train", "--gateway", stack.gateway_address, "--catalog", CATALOG, "--model", MODEL,
-         "--concurrency", str(args.index_concurrency), "--state", str(args.work_dir / "index-state.jsonl")]
+         "--concurrency", str(args.index_concurrency), "--batch-size", str(args.index_batch),
+         "--state", str(args.work_dir / "index-state.jsonl")]
         + (["--no-progress"] if args.no_progress else []))
     stats, size = asyncio.run(index_catalog.index_all(index_args, items, args.work_dir / "index-state.jsonl"))
     result = {"products": stats.done, "failed": stats.failed, "seconds": round(stats.seconds, 1),
-              "per_s": round(stats.per_second, 1), "catalog_size": size, "concurrency": args.index_concurrency}
+              "per_s": round(stats.per_second, 1), "catalog_size": size, "concurrency": args.index_concurrency,
+              "batch": args.index_batch}
     LOG.info("bulk indexing: %s", result)
     return result
 
@@ -138,9 +142,9 @@ def query_vectors(queries: list) -> tuple[np.ndarray, list[str]]:  # type: ignor
     """Embeddings and top-1 labels of the queries from the served ONNX file, through the serving preprocessing."""
     import onnxruntime as ort
 
-    from training.evaluate import preprocess_all
-    from training.recipe import read_spec
-    from training.repository import latest
+    from training.data.uploads import preprocess_all
+    from training.repository.layout import latest
+    from training.repository.recipe import read_spec
 
     repository = REPO_ROOT / "model_repository"
     spec = read_spec(repository / MODEL / "config.pbtxt")
@@ -227,8 +231,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"(flags: {' '.join(meta['cpu_flags'])}), {meta['platform']}; embedding model `{results['model']}`; "
              "stack, PostgreSQL and load generator on the same cores.", "",
              f"Bulk indexing: **{index['products']:,}** products in {index['seconds']} s = **{index['per_s']} img/s** "
-             f"({index['failed']} failed; IndexProduct through gateway → preprocess → Triton → PostgreSQL, "
-             f"{index['concurrency']} in flight).", "",
+             f"({index['failed']} failed; IndexProductBatch calls of {index.get('batch', 1)} through gateway → "
+             f"preprocess → Triton → PostgreSQL, {index['concurrency']} calls in flight).", "",
              f"| variant | filter | recall@{results['k']} vs exact | answers short of k | p50 | p99 | searches/s |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, row in variants.items():

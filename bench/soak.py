@@ -16,8 +16,11 @@ from typing import Any
 
 import cv2
 
-from bench.loadgen import GrpcTarget, classify_payloads_from_bytes, closed_loop, describe, summarize
-from bench.overload import CALL, MemorySampler, report_on_private_stack, rss_bytes
+from bench.harness.data import CALL, classify_payloads_from_bytes
+from bench.harness.load import GrpcTarget, closed_loop
+from bench.harness.procstat import MemorySampler, rss_bytes
+from bench.harness.stack import report_on_private_stack
+from bench.harness.summary import describe, summarize
 from devstack.stack import Stack, sample_photo
 
 LOG = logging.getLogger("soak")

@@ -103,7 +103,7 @@ def manifest_items(manifest: Path) -> list[CatalogItem]:
 def fashion_mnist_items(split: str, count: int) -> list[CatalogItem]:
     import cv2
 
-    from training.datasets import FASHION_LABELS, fashion_mnist_raw, stratified_subset
+    from training.data.datasets import FASHION_LABELS, fashion_mnist_raw, stratified_subset
 
     images, labels = fashion_mnist_raw(split)
     picked = stratified_subset(labels, count, seed=0) if count else range(len(labels))

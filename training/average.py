@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.datasets import load_dataset, run_split_of, source_labels, stratified_subset
-from training.engine import batches, predict, progress
-from training.metrics import top_k_accuracy
-from training.models import load_checkpoint
-from training.onnx_export import export, store_weights_as_float16
-from training.recipe import spec_from_dict
+from training.data.datasets import load_dataset, run_split_of, source_labels, stratified_subset
+from training.fit.engine import batches, predict, progress
+from training.nets.models import load_checkpoint
+from training.onnx.export import export, store_weights_as_float16
+from training.report.metrics import top_k_accuracy
+from training.repository.recipe import spec_from_dict
 
 LOG = logging.getLogger("average")
 

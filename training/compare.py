@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training import inference
-from training.catalog import render_set
-from training.datasets import (
+from training.data.catalog import render_set
+from training.data.datasets import (
     FASHION_MNIST,
     fashion_mnist_raw,
     load_dataset,
@@ -33,9 +32,11 @@ from training.datasets import (
     source_labels,
     stratified_subset,
 )
-from training.evaluate import load_run, preprocess_all
-from training.metrics import softmax, top_k_accuracy
-from training.recipe import spec_from_dict
+from training.data.uploads import preprocess_all
+from training.onnx import inference
+from training.report.metrics import softmax, top_k_accuracy
+from training.report.runs import load_run
+from training.repository.recipe import spec_from_dict
 
 LOG = logging.getLogger("compare")
 

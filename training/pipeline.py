@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from training import compare, evaluate, quantize, train
-from training.model_card import write_model_card
+from training.report.model_card import write_model_card
 
 LOG = logging.getLogger("pipeline")
 STAGES = ("train", "evaluate", "quantize", "compare")

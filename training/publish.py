@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from services.common.spec import Spec
-from training import repository as repo
-from training.evaluate import load_run
-from training.inference import session
-from training.onnx_export import INPUT_NAME, OUTPUT_NAMES
-from training.recipe import read_config, read_spec, spec_from_dict, spec_to_dict
+from training.onnx.export import INPUT_NAME, OUTPUT_NAMES
+from training.onnx.inference import session
+from training.report.runs import load_run
+from training.repository import layout as repo
+from training.repository.recipe import read_config, read_spec, spec_from_dict, spec_to_dict
 
 LOG = logging.getLogger("publish")
 CARD_FILES = ("MODEL_CARD.md", "eval.json", "run.json", "classify_eval.json", "quantization.json",

@@ -26,16 +26,15 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from training import inference
-from training.datasets import (
+from training.data.datasets import (
     FASHION_MNIST,
     SPLIT_DEFAULTS,
     load_dataset,
@@ -43,132 +42,21 @@ from training.datasets import (
     source_labels,
     stratified_subset,
 )
-from training.evaluate import load_run
-from training.metrics import top_k_accuracy
-from training.onnx_export import INPUT_NAME
-from training.recipe import spec_from_dict
+from training.onnx import inference
+from training.onnx.quantization import (
+    ImageReader,
+    activation_sqnr,
+    collect_activations,
+    cpu_has_vnni,
+    depthwise_weights,
+    float_nodes,
+    pair_saturation,
+)
+from training.report.metrics import top_k_accuracy
+from training.report.runs import load_run
+from training.repository.recipe import spec_from_dict
 
 LOG = logging.getLogger("quantize")
-
-
-class ImageReader(CalibrationDataReader):
-    """Feeds uint8 (N, H, W, C) calibration images in batches."""
-
-    def __init__(self, images: np.ndarray, batch_size: int = 32) -> None:
-        self._batches = iter([images[i:i + batch_size] for i in range(0, len(images), batch_size)])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        return None if batch is None else {INPUT_NAME: batch}
-
-
-def cpu_has_vnni() -> bool:
-    """Whether this x86 CPU has VNNI (u8×s8 dot products without 16-bit intermediate saturation)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
-def is_depthwise(node: onnx.NodeProto) -> bool:
-    """A grouped (depthwise) convolution: ONNX Runtime computes it channel by channel, not as one GEMM."""
-    return node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute)
-
-
-def collect_activations(int8_path: Path, images: np.ndarray, work_dir: Path) -> dict[str, list[np.ndarray]]:
-    """Every tensor of a QDQ model on ``images`` (flattened per batch), with ONNX Runtime's QDQ debugger."""
-    from onnxruntime.quantization import qdq_loss_debug as debug
-
-    augmented = work_dir / "model.int8.debug.onnx"
-    debug.modify_model_output_intermediate_tensors(str(int8_path), str(augmented))
-    try:
-        return debug.collect_activations(str(augmented), ImageReader(images))
-    finally:
-        augmented.unlink(missing_ok=True)
-
-
-def activation_sqnr(activations: dict[str, list[np.ndarray]]) -> dict[str, float]:
-    """Signal-to-quantization-noise ratio (dB) of every quantized activation of a QDQ model: the tensor before its
-    QuantizeLinear (clipped to the representable range) against the same tensor after its DequantizeLinear.
-    Low values mark activations whose range is wide for their typical size (outliers)."""
-    from onnxruntime.quantization import qdq_loss_debug as debug
-
-    sqnr = {}
-    for name, pair in debug.create_activation_matching(activations).items():
-        if not pair.get("pre_qdq") or not pair.get("post_qdq"):
-            continue
-        pre, post = np.concatenate([a.ravel() for a in pair["pre_qdq"]]), np.concatenate(
-            [a.ravel() for a in pair["post_qdq"]])
-        # Rounding noise only: where the quantizer folded a ReLU into the zero point, the clipped part is intended.
-        sqnr[name] = debug.compute_signal_to_quantization_noice_ratio(np.clip(pre, post.min(), post.max()), post)
-    return sqnr
-
-
-def pair_saturation(int8_path: Path, pre: onnx.ModelProto, activations: dict[str, list[np.ndarray]],
-                    max_elements: int = 1 << 22) -> dict[str, float]:
-    """For every weight that ONNX Runtime multiplies as a GEMM (1×1 convolutions, Gemm, MatMul): the fraction of
-    VPMADDUBSW pair sums (uint8 activation codes × int8 weight codes, adjacent input channels added in pairs) that
-    would leave int16 if the weight were quantized to 8 bits, over the activations seen (float weight name ->
-    fraction). A weight whose pairs never saturate can keep 8 bits on a CPU without VNNI."""
-    model = onnx.load(str(int8_path))
-    quantized = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    weights = {i.name: numpy_helper.to_array(i) for i in pre.graph.initializer}
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim][1:]
-              for v in [*pre.graph.value_info, *pre.graph.input, *pre.graph.output]}
-    pre_nodes = {n.name: n for n in pre.graph.node}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    result = {}
-    for node in model.graph.node:
-        original = pre_nodes.get(node.name)
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or original is None or original.input[1] not in weights:
-            continue
-        dq = producer.get(node.input[0])
-        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        if q is None or q.op_type != "QuantizeLinear" or q.input[0] not in activations or q.input[0] not in shapes:
-            continue
-        attrs = {a.name: a for a in node.attribute}
-        weight = weights[original.input[1]]
-        if node.op_type == "Conv":
-            if weight.shape[2:] != (1, 1) or is_depthwise(node):
-                continue  # k×k and depthwise convolutions are not one plain GEMM over channels
-            matrix = weight.reshape(weight.shape[0], -1)
-        else:
-            transposed = node.op_type == "Gemm" and "transB" in attrs and attrs["transB"].i == 1
-            matrix = weight if transposed else weight.T
-        x = np.concatenate([a.reshape(-1, *shapes[q.input[0]]) for a in activations[q.input[0]]])
-        x = np.moveaxis(x, 1, -1) if node.op_type == "Conv" else x
-        codes = np.clip(np.round(x.reshape(-1, matrix.shape[1]) / float(quantized[q.input[1]]))
-                        + int(quantized[q.input[2]]), 0, 255).astype(np.int32)
-        scale = np.abs(matrix).max(axis=1, keepdims=True) / 127
-        w8 = np.round(matrix / np.where(scale > 0, scale, 1)).astype(np.int32)
-        pairs = matrix.shape[1] // 2
-        even, odd = w8[:, 0:2 * pairs:2].T, w8[:, 1:2 * pairs:2].T  # (pairs, out)
-        rows = max(1, max_elements // max(1, pairs * w8.shape[0]))
-        saturated = 0
-        for first in range(0, len(codes), rows):
-            a = codes[first:first + rows]
-            sums = a[:, 0:2 * pairs:2, None] * even[None] + a[:, 1:2 * pairs:2, None] * odd[None]
-            saturated += int(np.count_nonzero((sums > 32767) | (sums < -32768)))
-        result[original.input[1]] = saturated / max(1, len(codes) * pairs * w8.shape[0])
-    return result
-
-
-def depthwise_weights(model: onnx.ModelProto) -> list[str]:
-    """Weight initializers of the grouped (depthwise) convolutions of ``model``."""
-    initializers = {i.name for i in model.graph.initializer}
-    return [n.input[1] for n in model.graph.node if is_depthwise(n) and n.input[1] in initializers]
-
-
-def float_nodes(model: onnx.ModelProto, tensors: list[str]) -> list[str]:
-    """Names of the nodes of ``model`` to exclude from quantization so that ``tensors`` stay float: their
-    readers, or for a tensor nobody reads (a graph output) its producer."""
-    nodes = model.graph.node
-    names = set()
-    for tensor in tensors:
-        readers = [n.name for n in nodes if tensor in n.input]
-        names.update(readers or [n.name for n in nodes if tensor in n.output])
-    return [n.name for n in nodes if n.name in names]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -214,111 +102,158 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(args: argparse.Namespace) -> dict:
-    run = load_run(args.run_dir)
-    meta = run["meta"]
-    spec = spec_from_dict(meta["spec"])
-    classes = tuple(meta["classes"])
-    fp32_path = args.run_dir / "model.onnx"
-    pre_path = args.run_dir / "model.pre.onnx"
-    int8_path = args.run_dir / "model.int8.onnx"
+@dataclass
+class Allocation:
+    """Which weights keep 8 bits and which operators stay float, with the measurements that decided it."""
 
+    reduce_range: bool
+    depthwise: list[str] = field(default_factory=list)
+    safe: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+    saturation: dict[str, float] = field(default_factory=dict)
+    sqnr: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def noisiest(self) -> list[str]:
+        return sorted(self.sqnr, key=self.sqnr.__getitem__)
+
+
+def calibration_images(run: dict, args: argparse.Namespace) -> np.ndarray:
+    """Training images of the run's own training split, never its validation images (training.train's split
+    defaults for a run that recorded no arguments), through the model's recipe."""
+    meta = run["meta"]
+    classes = tuple(meta["classes"])
     source = meta.get("data", FASHION_MNIST)
     labels, _ = source_labels(source, "train", classes)
-    # Calibrate on the run's own training split, never on its validation images (training.train's defaults for a
-    # run that recorded no arguments).
     train_idx, _ = run_split_of(labels, {**SPLIT_DEFAULTS, **run.get("args", {})})
     pick = train_idx[stratified_subset(labels[train_idx], args.calibration_count, 1)]
-    calibration = load_dataset(source, spec, split="train", classes=classes, indices=pick).images
+    return load_dataset(source, spec_from_dict(meta["spec"]), split="train", classes=classes, indices=pick).images
 
-    vnni = cpu_has_vnni()
-    reduce_range = args.reduce_range == "on" or (args.reduce_range == "auto" and not vnni)
+
+def use_reduced_range(args: argparse.Namespace, vnni: bool) -> bool:
+    reduce_range: bool = args.reduce_range == "on" or (args.reduce_range == "auto" and not vnni)
     LOG.info("weights: %s-bit%s", 7 if reduce_range else 8,
              "" if args.reduce_range != "auto" else f" (auto: this CPU {'has' if vnni else 'lacks'} VNNI)")
-    start = time.perf_counter()
-    quant_pre_process(str(fp32_path), str(pre_path), skip_symbolic_shape=False)
+    return reduce_range
+
+
+def quantize_once(args: argparse.Namespace, pre_path: Path, int8_path: Path, calibration: np.ndarray,
+                  reduce_range: bool, eight_bit: list[str], exclude: list[str]) -> None:
+    """One ``quantize_static`` call: QDQ, ``eight_bit`` weights exempt from the reduced range, ``exclude`` float."""
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[args.calibration_method]
+    quantize_static(str(pre_path), str(int8_path), ImageReader(calibration), quant_format=QuantFormat.QDQ,
+                    per_channel=not args.per_tensor, reduce_range=reduce_range,
+                    weight_type=QuantType.QInt8 if args.weight_type == "int8" else QuantType.QUInt8,
+                    activation_type=QuantType.QUInt8 if args.activation_type == "uint8" else QuantType.QInt8,
+                    calibrate_method=method, nodes_to_exclude=exclude,
+                    extra_options={"TensorQuantOverrides": {w: [{"axis": 0, "reduce_range": False}]
+                                                            for w in eight_bit}},
+                    op_types_to_quantize=[t for t in args.op_types.split(",") if t] or None)
 
+
+def quantize_model(args: argparse.Namespace, pre_path: Path, int8_path: Path, calibration: np.ndarray,
+                   reduce_range: bool) -> Allocation:
+    """Quantize once, measure the result (activation SQNR, pair saturation) and quantize again where that
+    measurement frees weights to 8 bits or keeps noisy operators in float."""
     pre = onnx.load(str(pre_path))
-    depthwise = depthwise_weights(pre) if reduce_range and args.depthwise_8bit else []
-    if depthwise:
-        LOG.info("depthwise weights: 8-bit (%d convolutions)", len(depthwise))
-
-    def quantize(eight_bit: list[str], exclude: list[str]) -> None:
-        quantize_static(str(pre_path), str(int8_path), ImageReader(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=not args.per_tensor, reduce_range=reduce_range,
-                        weight_type=QuantType.QInt8 if args.weight_type == "int8" else QuantType.QUInt8,
-                        activation_type=QuantType.QUInt8 if args.activation_type == "uint8" else QuantType.QInt8,
-                        calibrate_method=method, nodes_to_exclude=exclude,
-                        extra_options={"TensorQuantOverrides": {w: [{"axis": 0, "reduce_range": False}]
-                                                                for w in eight_bit}},
-                        op_types_to_quantize=[t for t in args.op_types.split(",") if t] or None)
-
-    quantize(depthwise, [])
+    plan = Allocation(reduce_range, depthwise=depthwise_weights(pre) if reduce_range and args.depthwise_8bit else [])
+    if plan.depthwise:
+        LOG.info("depthwise weights: 8-bit (%d convolutions)", len(plan.depthwise))
+    quantize_once(args, pre_path, int8_path, calibration, reduce_range, plan.depthwise, [])
     activations = collect_activations(int8_path, calibration[:64], args.run_dir)
-    sqnr = activation_sqnr(activations)
-    saturation = pair_saturation(int8_path, pre, activations) if reduce_range else {}
+    plan.sqnr = activation_sqnr(activations)
+    plan.saturation = pair_saturation(int8_path, pre, activations) if reduce_range else {}
     del activations
-    safe = [w for w, fraction in saturation.items() if fraction <= args.saturation_tolerance]
-    if safe:
+    plan.safe = [w for w, fraction in plan.saturation.items() if fraction <= args.saturation_tolerance]
+    if plan.safe:
         LOG.info("8-bit weights for %d of %d GEMM operators: at most a fraction %g of their VPMADDUBSW pair sums "
-                 "leaves int16 on the calibration images", len(safe), len(saturation), args.saturation_tolerance)
-    noisiest = sorted(sqnr, key=sqnr.__getitem__)
-    worst = noisiest[:args.exclude_worst]
-    excluded = float_nodes(pre, worst) if worst else []
-    if excluded:
-        LOG.info("keeping %d operators in float, for %s", len(excluded),
-                 ", ".join(f"{t} ({sqnr[t]:.1f} dB)" for t in worst))
-    if safe or excluded:
-        quantize(depthwise + safe, excluded)
-    quantize_s = time.perf_counter() - start
-    LOG.info("quantized %s -> %s in %.1f s", fp32_path, int8_path, quantize_s)
+                 "leaves int16 on the calibration images", len(plan.safe), len(plan.saturation),
+                 args.saturation_tolerance)
+    worst = plan.noisiest[:args.exclude_worst]
+    plan.excluded = float_nodes(pre, worst) if worst else []
+    if plan.excluded:
+        LOG.info("keeping %d operators in float, for %s", len(plan.excluded),
+                 ", ".join(f"{t} ({plan.sqnr[t]:.1f} dB)" for t in worst))
+    if plan.safe or plan.excluded:
+        quantize_once(args, pre_path, int8_path, calibration, reduce_range, plan.depthwise + plan.safe, plan.excluded)
+    return plan
 
-    test_source = args.test_data or source
+
+def measure_side_by_side(args: argparse.Namespace, run: dict, models: dict[str, Path]
+                         ) -> tuple[dict[str, float], dict[str, dict[str, float]], int]:
+    """Top-1 on the test set and images/s (alternating rounds) of each model: (accuracy, timing, test images)."""
+    meta = run["meta"]
+    classes = tuple(meta["classes"])
+    test_source = args.test_data or meta.get("data", FASHION_MNIST)
     test_labels, _ = source_labels(test_source, "test", classes)
-    test = load_dataset(test_source, spec, split="test", classes=classes,
+    test = load_dataset(test_source, spec_from_dict(meta["spec"]), split="test", classes=classes,
                         indices=stratified_subset(test_labels, args.limit_test, 0))
-    sessions = {"fp32": inference.session(fp32_path, args.threads), "int8": inference.session(int8_path, args.threads)}
+    sessions = {name: inference.session(path, args.threads) for name, path in models.items()}
     accuracy = {name: top_k_accuracy(inference.logits(sess, test.images), test.labels, 1)
                 for name, sess in sessions.items()}
-    timing = {}
-    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-        timing[f"batch_{batch_size}"] = inference.interleaved_throughput(sessions, test.images, batch_size,
-                                                                          args.rounds, args.seconds)
-    result = {
-        "fp32_top1": accuracy["fp32"], "int8_top1": accuracy["int8"],
-        "top1_change_pt": 100 * (accuracy["int8"] - accuracy["fp32"]),
-        "test_images": len(test), "calibration_images": len(calibration),
-        "calibration_method": args.calibration_method, "per_channel": not args.per_tensor,
-        "weight_bits": 7 if reduce_range else 8, "weight_type": args.weight_type,
-        "depthwise_8bit_weights": len(depthwise), "safe_8bit_weights": len(safe),
-        "saturation_tolerance": args.saturation_tolerance,
-        "saturated_pair_fraction": {w: float(f"{f:.3g}") for w, f in saturation.items()},
-        "activation_type": args.activation_type, "cpu_vnni": vnni,
-        "op_types": args.op_types,
-        "excluded_nodes": excluded,
-        "worst_activations_sqnr_db": {t: round(sqnr[t], 2) for t in noisiest[:10]},
-        "threads": args.threads, "img_s": timing,
-        "speedup": {k: v["int8"] / v["fp32"] for k, v in timing.items()},
-        "size_bytes": {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size},
-        "quantize_s": round(quantize_s, 1),
-    }
-    result["markdown"] = [
+    timing = {f"batch_{batch_size}": inference.interleaved_throughput(sessions, test.images, batch_size,
+                                                                       args.rounds, args.seconds)
+              for batch_size in (int(b) for b in args.batch_sizes.split(","))}
+    return accuracy, timing, len(test)
+
+
+def quantization_markdown(args: argparse.Namespace, result: dict, plan: Allocation) -> list[str]:
+    eight_bit = len(plan.depthwise) + len(plan.safe)
+    timing = result["img_s"]
+    return [
         f"INT8 static quantization (ONNX Runtime QDQ of {args.op_types or 'all supported ops'}, "
         f"per-channel={result['per_channel']}, {result['weight_bits']}-bit {args.weight_type} weights"
-        f"{f' ({len(depthwise) + len(safe)} 8-bit: depthwise and saturation-free)' if depthwise or safe else ''}, "
+        f"{f' ({eight_bit} 8-bit: depthwise and saturation-free)' if eight_bit else ''}, "
         f"{args.activation_type} activations, CPU {'with' if result['cpu_vnni'] else 'without'} VNNI, "
-        f"{args.calibration_method} calibration on {len(calibration)} training images, quant_pre_process first"
-        f"{f', {len(excluded)} operators kept in float' if excluded else ''}), "
-        f"measured side by side with FP32 on {len(test)} test images, {args.threads} thread(s):", "",
+        f"{args.calibration_method} calibration on {result['calibration_images']} training images, "
+        f"quant_pre_process first"
+        f"{f', {len(plan.excluded)} operators kept in float' if plan.excluded else ''}), "
+        f"measured side by side with FP32 on {result['test_images']} test images, {args.threads} thread(s):", "",
         "| | FP32 | INT8 | change |", "| --- | ---: | ---: | ---: |",
-        f"| top-1 | {100 * accuracy['fp32']:.2f} % | {100 * accuracy['int8']:.2f} % | "
+        f"| top-1 | {100 * result['fp32_top1']:.2f} % | {100 * result['int8_top1']:.2f} % | "
         f"{result['top1_change_pt']:+.2f} pt |",
         *(f"| {k.replace('_', ' ')} img/s | {v['fp32']:.0f} | {v['int8']:.0f} | ×{v['int8'] / v['fp32']:.2f} |"
           for k, v in timing.items()),
         f"| file size | {result['size_bytes']['fp32'] / 1e6:.2f} MB | {result['size_bytes']['int8'] / 1e6:.2f} MB | |",
     ]
+
+
+def main(args: argparse.Namespace) -> dict:
+    run = load_run(args.run_dir)
+    fp32_path = args.run_dir / "model.onnx"
+    pre_path = args.run_dir / "model.pre.onnx"
+    int8_path = args.run_dir / "model.int8.onnx"
+    calibration = calibration_images(run, args)
+    vnni = cpu_has_vnni()
+    reduce_range = use_reduced_range(args, vnni)
+
+    start = time.perf_counter()
+    quant_pre_process(str(fp32_path), str(pre_path), skip_symbolic_shape=False)
+    plan = quantize_model(args, pre_path, int8_path, calibration, reduce_range)
+    quantize_s = time.perf_counter() - start
+    LOG.info("quantized %s -> %s in %.1f s", fp32_path, int8_path, quantize_s)
+
+    accuracy, timing, test_images = measure_side_by_side(args, run, {"fp32": fp32_path, "int8": int8_path})
+    result = {
+        "fp32_top1": accuracy["fp32"], "int8_top1": accuracy["int8"],
+        "top1_change_pt": 100 * (accuracy["int8"] - accuracy["fp32"]),
+        "test_images": test_images, "calibration_images": len(calibration),
+        "calibration_method": args.calibration_method, "per_channel": not args.per_tensor,
+        "weight_bits": 7 if reduce_range else 8, "weight_type": args.weight_type,
+        "depthwise_8bit_weights": len(plan.depthwise), "safe_8bit_weights": len(plan.safe),
+        "saturation_tolerance": args.saturation_tolerance,
+        "saturated_pair_fraction": {w: float(f"{f:.3g}") for w, f in plan.saturation.items()},
+        "activation_type": args.activation_type, "cpu_vnni": vnni,
+        "op_types": args.op_types,
+        "excluded_nodes": plan.excluded,
+        "worst_activations_sqnr_db": {t: round(plan.sqnr[t], 2) for t in plan.noisiest[:10]},
+        "threads": args.threads, "img_s": timing,
+        "speedup": {k: v["int8"] / v["fp32"] for k, v in timing.items()},
+        "size_bytes": {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size},
+        "quantize_s": round(quantize_s, 1),
+    }
+    result["markdown"] = quantization_markdown(args, result, plan)
     (args.run_dir / "quantization.json").write_text(json.dumps(result, indent=2))
     LOG.info("top-1 fp32 %.2f%% int8 %.2f%%; speed-up %s", 100 * accuracy["fp32"], 100 * accuracy["int8"],
              {k: round(v, 2) for k, v in result["speedup"].items()})

@@ -35,14 +35,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from training import plots
-from training.augment import Augment
-from training.datasets import FASHION_MNIST, SPLIT_DEFAULTS, load_dataset, run_split, source_labels
-from training.engine import predict, train_one_epoch
-from training.metrics import top_k_accuracy
-from training.models import ARCHS, backbone_parameters, build_model, count_macs, features_of, load_checkpoint
-from training.onnx_export import export
-from training.recipe import read_spec, spec_to_dict
+from services.common.spec import Spec
+from training.data.augment import Augment
+from training.data.datasets import FASHION_MNIST, SPLIT_DEFAULTS, Dataset, load_dataset, run_split, source_labels
+from training.fit.engine import predict, train_one_epoch
+from training.nets.models import ARCHS, backbone_parameters, build_model, count_macs, features_of, load_checkpoint
+from training.nets.wrapper import UInt8NHWCWrapper
+from training.onnx.export import export
+from training.report import plots
+from training.report.metrics import top_k_accuracy
+from training.repository.recipe import read_spec, spec_to_dict
 
 LOG = logging.getLogger("train")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -164,19 +166,17 @@ def machine() -> dict[str, str]:
     return info
 
 
-def main(args: argparse.Namespace) -> dict:
-    started = time.time()
+def start_runtime(args: argparse.Namespace) -> tuple[torch.device, torch.Generator]:
+    """Threads, device and seeds, before anything draws a random number."""
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
-    device = torch.device(args.device)
-    generator = seed_everything(args.seed, args.deterministic)
-    out: Path = args.output_dir
-    out.mkdir(parents=True, exist_ok=True)
+    return torch.device(args.device), seed_everything(args.seed, args.deterministic)
 
-    spec = read_spec(args.recipe)
-    LOG.info("recipe from %s: %s", args.recipe, spec)
+
+def load_split(args: argparse.Namespace, spec: Spec) -> tuple[Dataset, Dataset, tuple[str, ...]]:
+    """The stratified, seeded train / validation split through the recipe: (train, validation, classes)."""
     labels, classes = source_labels(args.data)
     train_idx, val_idx = run_split(labels, args.val_fraction, args.seed, args.limit_train, args.limit_val)
     # Only the images in use are decoded and put through the recipe.
@@ -185,8 +185,13 @@ def main(args: argparse.Namespace) -> dict:
     val_set = both.take(np.arange(len(train_idx), len(both)))
     LOG.info("data %s: %d train / %d validation images, %d classes", args.data, len(train_set), len(val_set),
              len(classes))
+    return train_set, val_set, tuple(classes)
 
-    model = build_model(args.arch, spec, len(classes), args.net_size, pretrained=not args.no_pretrained,
+
+def build_student(args: argparse.Namespace, spec: Spec, num_classes: int,
+                  device: torch.device) -> tuple[UInt8NHWCWrapper, int, int]:
+    """The model to train (from ``--init-from`` if given) on ``device``: (model, MACs, parameters)."""
+    model = build_model(args.arch, spec, num_classes, args.net_size, pretrained=not args.no_pretrained,
                         stretch_contrast=not args.no_contrast_stretch)
     if args.init_from is not None:
         init = torch.load(args.init_from, map_location="cpu", weights_only=False)
@@ -200,7 +205,13 @@ def main(args: argparse.Namespace) -> dict:
     # channels_last on every device: 2-3x faster EfficientNet training on the 2-core CPU (measured), and the
     # layout cuDNN prefers on the GPU.
     model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return model, macs, params
 
+
+def make_optimizer(args: argparse.Namespace, model: UInt8NHWCWrapper, train_images: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, list[nn.Parameter]]:
+    """AdamW with discriminative learning rates and the warm-up + cosine schedule: (optimizer, scheduler,
+    the pretrained backbone's parameters)."""
     backbone = backbone_parameters(model, args.arch)
     backbone_ids = {id(p) for p in backbone}
     head = [p for p in model.parameters() if id(p) not in backbone_ids]
@@ -208,37 +219,70 @@ def main(args: argparse.Namespace) -> dict:
     if backbone:
         groups.append({"params": backbone, "lr": args.lr * args.backbone_lr_scale})
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
-    steps_per_epoch = max(1, len(train_set) // args.batch_size) if len(train_set) >= args.batch_size else 1
+    steps_per_epoch = max(1, train_images // args.batch_size) if train_images >= args.batch_size else 1
     schedule = warmup_cosine(args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), backbone
+
+
+def load_teacher(args: argparse.Namespace, spec: Spec, device: torch.device) -> UInt8NHWCWrapper | None:
+    """The frozen ``--teacher`` for distillation (it must share the recipe), or None."""
+    if args.teacher is None:
+        return None
+    teacher, teacher_checkpoint = load_checkpoint(args.teacher)
+    if teacher_checkpoint["meta"]["spec"] != spec_to_dict(spec):
+        raise SystemExit(f"teacher {args.teacher} was trained on another recipe: "
+                         f"{teacher_checkpoint['meta']['spec']} vs {spec_to_dict(spec)}")
+    teacher.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def resume_from(args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LambdaLR, generator: torch.Generator) -> tuple[int, list[dict]]:
+    """State of ``--resume`` restored in place: (first epoch to run, history so far)."""
+    if args.resume is None:
+        return 0, []
+    checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    generator.set_state(checkpoint["generator"])
+    torch.set_rng_state(checkpoint["torch_rng"])
+    LOG.info("resumed from %s at epoch %d", args.resume, checkpoint["epoch"] + 1)
+    return checkpoint["epoch"] + 1, checkpoint["history"]
+
+
+def save_checkpoint(args: argparse.Namespace, out: Path, checkpoint: dict, epoch: int) -> None:
+    """``checkpoint.pth`` replaced atomically (and ``checkpoint_<epoch>.pth`` kept if asked)."""
+    tmp = out / "checkpoint.pth.tmp"
+    torch.save(checkpoint, tmp)
+    if args.keep_epoch_checkpoints:
+        shutil.copyfile(tmp, out / f"checkpoint_{epoch}.pth")
+    tmp.replace(out / "checkpoint.pth")
+
+
+def main(args: argparse.Namespace) -> dict:
+    started = time.time()
+    device, generator = start_runtime(args)
+    out: Path = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+
+    spec = read_spec(args.recipe)
+    LOG.info("recipe from %s: %s", args.recipe, spec)
+    train_set, val_set, classes = load_split(args, spec)
+    model, macs, params = build_student(args, spec, len(classes), device)
+    optimizer, scheduler, backbone = make_optimizer(args, model, len(train_set))
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     augment = Augment(args.aug_shift, args.aug_scale, not args.no_hflip, args.aug_gain, args.aug_erase)
-
-    teacher = None
-    if args.teacher is not None:
-        teacher, teacher_checkpoint = load_checkpoint(args.teacher)
-        if teacher_checkpoint["meta"]["spec"] != spec_to_dict(spec):
-            raise SystemExit(f"teacher {args.teacher} was trained on another recipe: "
-                             f"{teacher_checkpoint['meta']['spec']} vs {spec_to_dict(spec)}")
-        teacher.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    teacher = load_teacher(args, spec, device)
 
     meta = {"arch": args.arch, "spec": spec_to_dict(spec), "classes": list(classes), "net_size": args.net_size,
             "stretch_contrast": not args.no_contrast_stretch,
             "recipe": str(args.recipe), "data": args.data, "macs": macs, "params": params,
             "teacher": str(args.teacher) if args.teacher else None,
             "init_from": str(args.init_from) if args.init_from else None}
-    start_epoch, history = 0, []
-    if args.resume is not None:
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        generator.set_state(checkpoint["generator"])
-        torch.set_rng_state(checkpoint["torch_rng"])
-        start_epoch, history = checkpoint["epoch"] + 1, checkpoint["history"]
-        LOG.info("resumed from %s at epoch %d", args.resume, start_epoch)
+    start_epoch, history = resume_from(args, model, optimizer, scheduler, generator)
 
     train_images = torch.from_numpy(train_set.images).to(device)
     train_labels = torch.from_numpy(train_set.labels).to(device)
@@ -263,15 +307,10 @@ def main(args: argparse.Namespace) -> dict:
         LOG.info("epoch %d/%d: train loss %.4f top1 %.2f%% | val loss %.4f top1 %.2f%% | %.0f img/s, %.1f s",
                  epoch + 1, args.epochs, stats.loss, 100 * stats.top1, val_loss, 100 * val_top1,
                  stats.images_per_s, stats.seconds)
-        checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                      "torch_rng": torch.get_rng_state(), "epoch": epoch,
-                      "history": history, "args": {k: str(v) for k, v in vars(args).items()}, "meta": meta}
-        tmp = out / "checkpoint.pth.tmp"
-        torch.save(checkpoint, tmp)
-        if args.keep_epoch_checkpoints:
-            shutil.copyfile(tmp, out / f"checkpoint_{epoch}.pth")
-        tmp.replace(out / "checkpoint.pth")
+        save_checkpoint(args, out, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                                    "torch_rng": torch.get_rng_state(), "epoch": epoch, "history": history,
+                                    "args": {k: str(v) for k, v in vars(args).items()}, "meta": meta}, epoch)
         plots.training_curves(history, out / "curves.png")
 
     summary = {"command": command_line(args), "machine": machine(),

@@ -67,7 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from bench.images import SIZES, model_spec, synthesize, tensors
+    from bench.harness.data import SIZES, model_spec, synthesize, tensors
 
     out: Path = args.out
     if out.exists():

@@ -11,6 +11,9 @@ BACKGROUNDS = ("keep", "dark")
 
 @dataclass(frozen=True)
 class Spec:
+    """The field defaults are the recipe's defaults (their one definition): a ``preprocess.*`` parameter
+    missing from config.pbtxt, or a field left unset in a ``PreprocessRequest``, takes them."""
+
     height: int
     width: int
     channels: int = 3
@@ -19,14 +22,21 @@ class Spec:
     background: str = "keep"
 
     @classmethod
+    def with_defaults(cls, height: int, width: int, channels: int = 0, crop: str = "", resize_shorter: int = 0,
+                      background: str = "") -> Spec:
+        """A recipe where each unset field (0 or "", as protobuf leaves it) takes its default."""
+        return cls(height=height, width=width, channels=channels or cls.channels, crop=crop or cls.crop,
+                   resize_shorter=resize_shorter or cls.resize_shorter, background=background or cls.background)
+
+    @classmethod
     def from_parameters(cls, dims: tuple[int, ...] | list[int], params: dict[str, str]) -> Spec:
         """The recipe of a model from its ``image`` input dims ``[H, W, C]`` and its config parameters."""
         height, width, channels = (int(d) for d in dims)
-        return cls(
-            height=height, width=width, channels=channels,
-            crop=params.get("preprocess.crop", "center"),
-            resize_shorter=int(params.get("preprocess.resize_shorter", "0") or 0),
-            background=params.get("preprocess.background", "keep"),
+        return cls.with_defaults(
+            height, width, channels,
+            crop=params.get("preprocess.crop", ""),
+            resize_shorter=int(params.get("preprocess.resize_shorter", "") or 0),
+            background=params.get("preprocess.background", ""),
         ).validate()
 
     def validate(self) -> Spec:

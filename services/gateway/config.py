@@ -120,8 +120,8 @@ class SecurityConfig:
 
 @dataclass(frozen=True)
 class RetryConfig:
-    """Retries of the idempotent downstream calls: preprocess (services/gateway/retry.py) and Triton inference
-    while Triton swaps or drains (services/gateway/triton.py)."""
+    """Retries of the idempotent downstream calls, both run by the one engine of services/gateway/retry.py:
+    preprocess, and Triton inference while Triton swaps, drains or cannot be reached (services/gateway/triton.py)."""
 
     max_attempts: int
     initial_backoff_s: float

@@ -20,7 +20,7 @@ UPSTREAM_ERRORS = Counter("shopvision_gateway_upstream_errors_total", "Failed ca
 SHED = Counter("shopvision_gateway_shed_total", "Requests refused with RESOURCE_EXHAUSTED because the gateway was full")
 UPSTREAM_UP = Gauge("shopvision_gateway_upstream_up", "1 when the downstream service answers its health check",
                     ["upstream"])
-# Reliability and security (services/gateway/retry.py, services/gateway/security.py).
+# Reliability and security (services/gateway/retry.py, the one retry engine; services/gateway/security.py).
 RETRIES = Counter("shopvision_gateway_retries_total",
                   "Retry decisions for idempotent downstream calls: retried, or why not (budget, window, attempts)",
                   ["upstream", "outcome"])
@@ -28,3 +28,21 @@ RATE_LIMITED = Counter("shopvision_gateway_rate_limited_total",
                        "Requests refused with RESOURCE_EXHAUSTED because their caller was over its rate limit")
 AUTH_FAILURES = Counter("shopvision_gateway_auth_failures_total",
                         "Requests refused with UNAUTHENTICATED (missing or unknown bearer token)")
+
+# The label values the code produces, initialised at import so that every series a dashboard plots exists at 0
+# from the start: a panel reads 0, not "No data", until the first error.
+# services/gateway/retry.py: the outcomes of one retry decision (preprocess has an attempt limit, Triton has none).
+RETRY_OUTCOMES = ("retried", "budget_exhausted", "window_elapsed", "attempts_exhausted")
+RETRY_OUTCOMES_BY_UPSTREAM = {"preprocess": RETRY_OUTCOMES, "triton": RETRY_OUTCOMES[:3]}
+# The codes an upstream failure is counted under: preprocess_client.py, triton.py (``_to_error``: another code
+# Triton sends appears when it first happens), catalog/store.py (``database_errors``).
+UPSTREAM_ERROR_CODES = {"preprocess": ("UNAVAILABLE", "DEADLINE_EXCEEDED"),
+                        "triton": ("UNAVAILABLE", "DEADLINE_EXCEEDED"),
+                        "postgres": ("UNAVAILABLE",)}
+
+for _upstream, _outcomes in RETRY_OUTCOMES_BY_UPSTREAM.items():
+    for _outcome in _outcomes:
+        RETRIES.labels(_upstream, _outcome)
+for _upstream, _codes in UPSTREAM_ERROR_CODES.items():
+    for _code in _codes:
+        UPSTREAM_ERRORS.labels(_upstream, _code)

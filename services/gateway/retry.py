@@ -1,19 +1,25 @@
-"""Retries of idempotent downstream calls, with backoff and a budget so they never multiply load.
+"""The one retry engine of the gateway's idempotent downstream calls (preprocess and Triton inference), with
+backoff and a budget so retries never multiply load.
 
-Only a step that can safely run twice is retried (preprocessing is a pure function of its
-request), and only on errors that say the call did not get through (``UNAVAILABLE``).
+Only a step that can safely run twice is retried (preprocessing and inference are pure functions of their
+request), and only on errors that say the call did not get through. The caller says which errors those are and
+how long each may be retried (``window_of``): Triton that is draining gets longer than one that cannot be reached.
 
 * **Backoff**: exponential with full jitter, so retries from many requests spread out.
-* **Window**: retries wait for the connection to come back (``wait_for_ready``) for at most
-  ``window_s`` in total and never past the call's deadline; a dead upstream is still
-  reported quickly, while a restart that takes a second or two is bridged.
-* **Budget**: a token bucket shared by all calls. Every call deposits ``ratio`` tokens and
-  time adds ``min_per_s`` per second; a retry spends one. Retries therefore add at most
-  ``ratio`` of the traffic (plus a small floor) however badly the upstream fails.
+* **Window**: retries stop ``window_s`` after the call started and never go past the call's deadline; a dead
+  upstream is still reported quickly, while a restart that takes a second or two is bridged. A caller whose
+  retries wait for the connection to come back (gRPC ``wait_for_ready``, ``RetryPolicy.wait_for_ready``) gives
+  each retry at most the rest of the window; otherwise a retry gets the rest of the deadline.
+* **Budget**: a token bucket shared by all calls. Every call deposits ``ratio`` tokens and time adds
+  ``min_per_s`` per second; a retry spends one. Retries therefore add at most ``ratio`` of the traffic (plus a
+  small floor) however badly the upstream fails.
+
+Each decision is counted in ``shopvision_gateway_retries_total{upstream, outcome}`` (:data:`OUTCOMES`).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -22,21 +28,32 @@ from typing import TypeVar
 
 from services.gateway import metrics
 
+LOG = logging.getLogger(__name__)
 T = TypeVar("T")
+
+OUTCOMES = metrics.RETRY_OUTCOMES
+RETRIED, BUDGET_EXHAUSTED, WINDOW_ELAPSED, ATTEMPTS_EXHAUSTED = OUTCOMES
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """``max_attempts``: tries in all, the first included (0: no limit, the windows bound the retries)."""
+
     max_attempts: int = 3
     initial_backoff_s: float = 0.05
     max_backoff_s: float = 1.0
     multiplier: float = 2.0
     window_s: float = 3.0
+    wait_for_ready: bool = True
 
     def backoff(self, retry: int, rng: random.Random) -> float:
         """Pause before retry number ``retry`` (1, 2, ...): full jitter over an exponential cap."""
         cap = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (retry - 1))
         return rng.uniform(0.0, cap)
+
+    def outcomes(self) -> tuple[str, ...]:
+        """The outcomes a retrier with this policy can count."""
+        return OUTCOMES if self.max_attempts else tuple(o for o in OUTCOMES if o != ATTEMPTS_EXHAUSTED)
 
 
 class RetryBudget:
@@ -71,11 +88,15 @@ class RetryBudget:
 
 
 class RetryWindowElapsed(Exception):
-    """The upstream did not come back within the retry window (which ended before the call's deadline)."""
+    """The upstream did not come back within the retry window (or the call's deadline came first)."""
 
     def __init__(self, last_error: BaseException) -> None:
         super().__init__(str(last_error))
         self.last_error = last_error
+
+
+def _never(_: BaseException) -> bool:
+    return False
 
 
 class Retrier:
@@ -88,40 +109,48 @@ class Retrier:
         self.budget = budget
         self._rng = rng or random.Random()
 
+    def _count(self, outcome: str) -> None:
+        metrics.RETRIES.labels(self.upstream, outcome).inc()
+
     async def call(
         self,
         attempt: Callable[[int, float], Awaitable[T]],
         timeout_s: float,
         retryable: Callable[[BaseException], bool],
-        is_timeout: Callable[[BaseException], bool],
+        is_timeout: Callable[[BaseException], bool] = _never,
+        window_of: Callable[[BaseException], float] | None = None,
     ) -> T:
-        """Return the first successful attempt; raise the last error (or :class:`RetryWindowElapsed`)."""
+        """Return the first successful attempt; raise the last error, or :class:`RetryWindowElapsed` when the
+        window (``window_of(error)`` seconds from the start, else the policy's) ran out before the upstream came
+        back. ``is_timeout`` names the errors of an attempt that ran out of time."""
         start = time.monotonic()
         deadline = start + timeout_s
         window_end = min(deadline, start + self.policy.window_s)
         self.budget.deposit()
         number = 0
         while True:
-            limit = deadline if number == 0 else window_end
+            limit = window_end if number > 0 and self.policy.wait_for_ready else deadline
             try:
                 return await attempt(number, max(limit - time.monotonic(), 0.001))
             except Exception as error:
-                cut_by_window = number > 0 and window_end < deadline and is_timeout(error)
-                if cut_by_window:
-                    metrics.RETRIES.labels(self.upstream, "window_elapsed").inc()
+                if number > 0 and limit < deadline and is_timeout(error):
+                    self._count(WINDOW_ELAPSED)  # the retry waited for the upstream until the window closed
                     raise RetryWindowElapsed(error) from error
                 if not retryable(error):
                     raise
+                if window_of is not None:
+                    window_end = min(deadline, start + window_of(error))
                 number += 1
                 pause = self.policy.backoff(number, self._rng)
-                if number >= self.policy.max_attempts:
-                    metrics.RETRIES.labels(self.upstream, "attempts_exhausted").inc()
+                if self.policy.max_attempts and number >= self.policy.max_attempts:
+                    self._count(ATTEMPTS_EXHAUSTED)
                     raise
                 if time.monotonic() + pause >= window_end:
-                    metrics.RETRIES.labels(self.upstream, "window_elapsed").inc()
+                    self._count(WINDOW_ELAPSED)
                     raise RetryWindowElapsed(error) from error
                 if not self.budget.try_spend():
-                    metrics.RETRIES.labels(self.upstream, "budget_exhausted").inc()
+                    self._count(BUDGET_EXHAUSTED)
                     raise
-                metrics.RETRIES.labels(self.upstream, "retried").inc()
+                self._count(RETRIED)
+                LOG.info("retrying the %s call in %.2f s: %s", self.upstream, pause, error)
                 await asyncio.sleep(pause)

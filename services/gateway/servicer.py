@@ -44,6 +44,17 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
         self._search = search
 
     # -- helpers -------------------------------------------------------------------------------------------------
+    @staticmethod
+    async def _start_call(context: grpc.aio.ServicerContext, span: dict[str, str] | None = None) -> str:
+        """The preamble of every RPC: the request id (the caller's or a new one) for the logs and the trace, sent
+        back in the initial and the trailing metadata; ``span``: more attributes of the call's span."""
+        request_id = request_id_of(context)
+        request_id_var.set(request_id)
+        set_span_attributes({"shopvision.request_id": request_id, **(span or {})})
+        await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        return request_id
+
     def _deadline(self, context: grpc.aio.ServicerContext) -> float:
         caller = context.time_remaining()
         budget = self._config.default_timeout_s if caller is None else min(caller, 24 * 3600.0)
@@ -112,12 +123,7 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
     # -- RPCs ----------------------------------------------------------------------------------------------------
     async def Classify(self, request: recognition_pb2.ClassifyRequest,
                        context: grpc.aio.ServicerContext) -> recognition_pb2.ClassifyResponse:
-        request_id = request_id_of(context)
-        request_id_var.set(request_id)
-        set_span_attributes({"shopvision.request_id": request_id,
-                             "shopvision.model": request.model or self._config.default_model})
-        await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
-        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        request_id = await self._start_call(context, {"shopvision.model": request.model or self._config.default_model})
         deadline = self._deadline(context)
         self._gate.acquire()
         try:
@@ -134,11 +140,7 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
 
     async def ClassifyBatch(self, request: recognition_pb2.ClassifyBatchRequest,
                             context: grpc.aio.ServicerContext) -> recognition_pb2.ClassifyBatchResponse:
-        request_id = request_id_of(context)
-        request_id_var.set(request_id)
-        set_span_attributes({"shopvision.request_id": request_id})
-        await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
-        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        request_id = await self._start_call(context)
         count = len(request.requests)
         if count == 0:
             raise InvalidInput("requests is empty", reason="empty")
@@ -166,6 +168,7 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
 
     async def ListModels(self, request: recognition_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> recognition_pb2.ListModelsResponse:
+        await self._start_call(context)
         await self._triton.refresh_if_older(1.0)
         default = self._config.default_model
         return recognition_pb2.ListModelsResponse(
@@ -181,14 +184,6 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
             raise Unavailable("the product catalog is not enabled on this gateway (GATEWAY_CATALOG_DATABASE_URL "
                               "is empty)", reason="search_disabled")
         return self._search
-
-    async def _start_call(self, context: grpc.aio.ServicerContext) -> str:
-        """Request id for logs, initial and trailing metadata: the same preamble as Classify."""
-        request_id = request_id_of(context)
-        request_id_var.set(request_id)
-        await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
-        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-        return request_id
 
     async def SearchSimilar(self, request: recognition_pb2.SearchSimilarRequest,
                             context: grpc.aio.ServicerContext) -> recognition_pb2.SearchSimilarResponse:

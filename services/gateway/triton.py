@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -22,7 +22,7 @@ from services.common.errors import DeadlineExceeded, ShopvisionError, Unavailabl
 from services.common.spec import Spec
 from services.gateway import metrics
 from services.gateway.channels import RENEW_EVERY_S, RenewingChannel, channel_options
-from services.gateway.retry import RetryBudget
+from services.gateway.retry import Retrier, RetryBudget, RetryPolicy, RetryWindowElapsed
 
 LOG = logging.getLogger(__name__)
 
@@ -36,11 +36,17 @@ DRAINING_MARKERS = ("is not at ready state", "Request for unknown model", "Serve
 
 
 def is_draining(error: InferenceServerException) -> bool:
+    """Triton is swapping a model version or shutting down: the same request sent again is served."""
     return any(marker in str(error.message()) for marker in DRAINING_MARKERS)
 
 
 def is_disconnected(error: InferenceServerException) -> bool:
+    """The call did not reach a Triton (connection refused or lost), so it did no work."""
     return "UNAVAILABLE" in str(error.status() or "") and not is_draining(error)
+
+
+def is_retryable(error: BaseException) -> bool:
+    return isinstance(error, InferenceServerException) and (is_draining(error) or is_disconnected(error))
 
 
 @dataclass(frozen=True)
@@ -48,12 +54,28 @@ class InferRetryPolicy:
     """Inference is a pure function of its inputs, so it may be sent again: for up to ``drain_window_s``
     while Triton says it is swapping or draining, for up to ``connect_window_s`` while it cannot be
     reached, never past the call's deadline, never on DEADLINE_EXCEEDED (a frozen Triton), and only
-    within the retry budget."""
+    within the retry budget. The retries themselves are :class:`services.gateway.retry.Retrier`'s."""
 
     drain_window_s: float = 8.0
     connect_window_s: float = 3.0
     initial_backoff_s: float = 0.05
     max_backoff_s: float = 1.0
+
+    def window_of(self, error: BaseException) -> float:
+        """How long after the call started a retryable error may still be retried."""
+        draining = isinstance(error, InferenceServerException) and is_draining(error)
+        return self.drain_window_s if draining else self.connect_window_s
+
+    def retrier(self, budget: RetryBudget) -> Retrier:
+        # No attempt limit (the windows bound the retries); tritonclient cannot wait for a ready connection,
+        # so each try gets the rest of the deadline.
+        policy = RetryPolicy(max_attempts=0, initial_backoff_s=self.initial_backoff_s,
+                             max_backoff_s=self.max_backoff_s, window_s=max(self.drain_window_s,
+                                                                            self.connect_window_s),
+                             wait_for_ready=False)
+        return Retrier("triton", policy, budget)
+
+
 EMBEDDING_OUTPUT = "embedding"
 # Round robin over every Triton the address resolves to, fast reconnects, keepalive (services/gateway/channels.py).
 # Triton's default flags permit no keepalive pings between calls: more than two on an idle connection got
@@ -151,8 +173,7 @@ class TritonBackend:
                  budget: RetryBudget | None = None, renew_every_s: float = RENEW_EVERY_S) -> None:
         self.address = address
         self._retry = retry or InferRetryPolicy()
-        self._budget = budget or RetryBudget(ratio=0.2, min_per_s=5.0)
-        self._rng = random.Random()
+        self._retrier = self._retry.retrier(budget or RetryBudget(ratio=0.2, min_per_s=5.0))
         # ``address`` is any gRPC target. Triton keeps its connections open for ever unless launched with
         # --grpc-max-connection-age, so the client is rebuilt from a fresh resolution every ``renew_every_s``
         # to reach Tritons added since (services/gateway/channels.py).
@@ -256,34 +277,22 @@ class TritonBackend:
                                                  client_timeout=remaining),
             timeout_s, f"inferring {name}")
 
-    async def _infer_with_retries(self, call, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
+    async def _infer_with_retries(self, call: Callable[[float], Awaitable[triton_aio.InferResult]],
+                                  timeout_s: float, what: str) -> triton_aio.InferResult:
         """Run ``call(remaining_seconds)``, sending it again as :class:`InferRetryPolicy` allows."""
-        start = time.monotonic()
-        deadline = start + timeout_s
-        self._budget.deposit()
-        retries = 0
-        while True:
-            try:
-                return await call(max(deadline - time.monotonic(), 0.001))
-            except InferenceServerException as error:
-                if is_draining(error):
-                    window_end = start + self._retry.drain_window_s
-                elif is_disconnected(error):
-                    window_end = start + self._retry.connect_window_s
-                else:
-                    raise _to_error(error, what) from None
-                retries += 1
-                cap = min(self._retry.max_backoff_s, self._retry.initial_backoff_s * 2 ** (retries - 1))
-                pause = self._rng.uniform(cap / 2, cap)
-                if time.monotonic() + pause >= min(deadline, window_end):
-                    metrics.RETRIES.labels("triton", "window_elapsed").inc()
-                    raise _to_error(error, what) from None
-                if not self._budget.try_spend():
-                    metrics.RETRIES.labels("triton", "budget_exhausted").inc()
-                    raise _to_error(error, what) from None
-                metrics.RETRIES.labels("triton", "retried").inc()
-                LOG.info("retrying %s in %.2f s: %s", what, pause, error.message())
-                await asyncio.sleep(pause)
+
+        async def attempt(number: int, remaining: float) -> triton_aio.InferResult:
+            return await call(remaining)
+
+        try:
+            return await self._retrier.call(attempt, timeout_s, retryable=is_retryable,
+                                            window_of=self._retry.window_of)
+        except RetryWindowElapsed as elapsed:
+            if not isinstance(elapsed.last_error, InferenceServerException):
+                raise
+            raise _to_error(elapsed.last_error, what) from None
+        except InferenceServerException as error:
+            raise _to_error(error, what) from None
 
     async def classify(self, model: Model, pixels: np.ndarray, top_k: int, timeout_s: float,
                        request_id: str) -> Classification:

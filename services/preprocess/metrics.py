@@ -17,3 +17,16 @@ IMAGE_BYTES = Histogram("shopvision_preprocess_image_bytes", "Size of received e
                         buckets=BYTES_BUCKETS)
 REJECTED = Counter("shopvision_preprocess_rejected_total", "Images refused, by reason", ["reason"])
 IN_FLIGHT = Gauge("shopvision_preprocess_in_flight_requests", "Preprocess calls being served")
+
+# The label values the code produces, initialised at import so that every series a dashboard plots exists at 0
+# from the start: a panel reads 0, not "No data", until the first error.
+CODES = ("OK", "INVALID_ARGUMENT")
+# Every ``InvalidInput`` reason of the preprocess code (formats.py, imaging.py, servicer.py, common/spec.py, the
+# request size limit of common/errors.py); tests/unit/test_metrics_labels.py keeps the list complete.
+REJECT_REASONS = ("empty", "not_an_image", "unsupported_format", "corrupt", "truncated", "too_many_pixels",
+                  "bad_aspect_ratio", "decode_failed", "bad_spec", "too_large")
+
+for _code in CODES:
+    REQUESTS.labels(_code)
+for _reason in REJECT_REASONS:
+    REJECTED.labels(_reason)

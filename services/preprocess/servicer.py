@@ -21,14 +21,8 @@ LOG = logging.getLogger(__name__)
 def spec_from_message(message: preprocess_pb2.ImageSpec) -> Spec:
     if not message.height or not message.width:
         raise InvalidInput("spec must give height and width", reason="bad_spec")
-    return Spec(
-        height=message.height,
-        width=message.width,
-        channels=message.channels or 3,
-        crop=message.crop or "center",
-        resize_shorter=message.resize_shorter,
-        background=message.background or "keep",
-    )
+    return Spec.with_defaults(message.height, message.width, channels=message.channels, crop=message.crop,
+                              resize_shorter=message.resize_shorter, background=message.background)
 
 
 class PreprocessServicer(preprocess_pb2_grpc.PreprocessorServicer):

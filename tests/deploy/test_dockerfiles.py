@@ -1,8 +1,10 @@
-"""The service Dockerfiles install only what the service imports, pinned as requirements.txt pins it,
-generate the stubs as `make protos` does, and start the entry point the tests start.
+"""The one service Dockerfile (services/Dockerfile, ``--build-arg SERVICE=gateway|preprocess``) installs only what
+the chosen service imports, pinned as requirements.txt pins it, generates the stubs as `make protos` does, and
+starts the entry point the tests start.
 
-There is no Docker engine here: the checks read the Dockerfiles, run their protoc step and import the
-code laid out as the image lays it out.
+There is no Docker engine here: the checks resolve the stages a build for each SERVICE goes through (BuildKit
+substitutes the global ``SERVICE`` argument in ``FROM``), run their protoc step and import the code laid out as
+that image lays it out.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,8 +32,7 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name.split("[")[0]).lower()
 
 
-def dockerfile(service: str) -> str:
-    return (REPO_ROOT / "services" / service / "Dockerfile").read_text()
+DOCKERFILE = REPO_ROOT / "services" / "Dockerfile"
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
@@ -40,11 +42,68 @@ def instructions(text: str) -> list[tuple[str, str]]:
             for line in joined.splitlines() if line.strip()]
 
 
-def arg_default(text: str, name: str) -> str:
-    values = [args.split("=", 1)[1].strip('"') for op, args in instructions(text)
-              if op == "ARG" and args.startswith(f"{name}=")]
+def arg_default(ops: list[tuple[str, str]], name: str) -> str:
+    values = [args.split("=", 1)[1].strip('"') for op, args in ops if op == "ARG" and args.startswith(f"{name}=")]
     assert len(values) == 1, f"ARG {name} with a default"
     return values[0]
+
+
+def env_value(ops: list[tuple[str, str]], name: str) -> str:
+    values = [args.split("=", 1)[1].strip('"') for op, args in ops if op == "ENV" and args.startswith(f"{name}=")]
+    assert len(values) == 1, f"one ENV {name}"
+    return values[0]
+
+
+@dataclass
+class Stage:
+    name: str
+    base: str
+    ops: list[tuple[str, str]]
+
+
+def stages(service: str) -> tuple[list[tuple[str, str]], list[Stage]]:
+    """The global instructions (before the first FROM) and the stages, as a build with
+    ``--build-arg SERVICE=<service>`` sees them."""
+    text = DOCKERFILE.read_text()
+    ops = instructions(text)
+    assert ("ARG", "SERVICE") in ops[:next(i for i, (op, _) in enumerate(ops) if op == "FROM")], \
+        "a global ARG SERVICE without a default"
+    preamble: list[tuple[str, str]] = []
+    found: list[Stage] = []
+    for op, args in instructions(text.replace("${SERVICE}", service)):
+        if op == "FROM":
+            base, _, name = args.partition(" AS ")
+            found.append(Stage(name.strip(), base.strip(), []))
+        elif found:
+            found[-1].ops.append((op, args))
+        else:
+            preamble.append((op, args))
+    return preamble, found
+
+
+def chain(service: str, target: str | None = None) -> list[Stage]:
+    """The stages the ``target`` stage (default: the last one, the image) is built on, base first."""
+    _, all_stages = stages(service)
+    by_name = {stage.name: stage for stage in all_stages if stage.name}
+    stage = by_name[target] if target else all_stages[-1]
+    path = [stage]
+    while stage.base in by_name:
+        stage = by_name[stage.base]
+        path.insert(0, stage)
+    return path
+
+
+def image_ops(service: str) -> list[tuple[str, str]]:
+    """Instructions of the image a build for ``service`` produces (the runtime stages, not the build stage)."""
+    return [op for stage in chain(service) for op in stage.ops]
+
+
+def build_ops(service: str) -> list[tuple[str, str]]:
+    return [op for stage in chain(service, "build") for op in stage.ops]
+
+
+def serving_packages(service: str) -> list[str]:
+    return env_value(build_ops(service), "SERVING_PACKAGES").split()
 
 
 def pins(requirements: Path) -> dict[str, str]:
@@ -56,9 +115,9 @@ def pins(requirements: Path) -> dict[str, str]:
     return found
 
 
-def copied_packages(text: str) -> list[str]:
+def copied_packages(ops: list[tuple[str, str]]) -> list[str]:
     """Destination folders of ``COPY services/<pkg> /app/services/<pkg>``."""
-    return [m for op, args in instructions(text) if op == "COPY" and not args.startswith("--from")
+    return [m for op, args in ops if op == "COPY" and not args.startswith("--from")
             for m in re.findall(r"^services/(\w+) /app/services/\1$", args)]
 
 
@@ -105,26 +164,27 @@ def distributions(modules: set[str]) -> set[str]:
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_image_installs_exactly_the_serving_dependencies(service: str) -> None:
-    text = dockerfile(service)
-    packages = arg_default(text, "SERVING_PACKAGES").split()
+    packages = serving_packages(service)
     serving = pins(REPO_ROOT / "requirements.txt")
     for package in packages:
         assert package in serving, f"{package} has no exact pin in requirements.txt"
     installed = {canonical(p) for p in packages}
     assert not installed & NEVER
-    code = [REPO_ROOT / "services" / p for p in copied_packages(text)]
+    copied = copied_packages(image_ops(service))
+    assert copied == ["common", service], copied
+    code = [REPO_ROOT / "services" / p for p in copied]
     stubs = sorted((REPO_ROOT / "gen" / "shopvision").rglob("*_pb2*.py"))
     assert stubs, "gen/ is empty: run `make protos`"
     needed = distributions(third_party_imports(code + stubs))
     assert installed == needed, f"install {sorted(needed - installed)}, drop {sorted(installed - needed)}"
     # Nothing else reaches the runtime stage: requirements files are read in the build stage only.
-    runtime = text.split("AS runtime", 1)[1]
-    assert "pip install" not in runtime and "requirements" not in runtime
+    runtime = " ".join(args for _, args in image_ops(service))
+    assert "pip install" not in runtime and "requirements" not in runtime and "SERVING_PACKAGES" not in runtime
 
 
-def pin_lookup(text: str) -> str:
+def pin_lookup(service: str) -> str:
     """The build stage's shell loop that writes serving.txt from requirements.txt."""
-    runs = [args for op, args in instructions(text) if op == "RUN" and "$SERVING_PACKAGES" in args]
+    runs = [args for op, args in build_ops(service) if op == "RUN" and "$SERVING_PACKAGES" in args]
     assert len(runs) == 1
     return runs[0][:runs[0].index("> serving.txt;") + len("> serving.txt")]
 
@@ -133,10 +193,9 @@ def pin_lookup(text: str) -> str:
 def test_build_stage_finds_the_exact_pin_of_every_package(service: str, tmp_path: Path) -> None:
     """Run the Dockerfile's lookup (awk on NAME==VERSION lines): names with extras, such as psycopg[binary],
     must match their requirements line exactly, and a package without a pin must fail the build."""
-    text = dockerfile(service)
-    packages = arg_default(text, "SERVING_PACKAGES").split()
+    packages = serving_packages(service)
     shutil.copy(REPO_ROOT / "requirements.txt", tmp_path)
-    script = pin_lookup(text)
+    script = pin_lookup(service)
     result = subprocess.run(["sh", "-c", script], cwd=tmp_path, env={**os.environ, "SERVING_PACKAGES": " ".join(
         packages)}, capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stderr
@@ -149,8 +208,7 @@ def test_build_stage_finds_the_exact_pin_of_every_package(service: str, tmp_path
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_image_runs_the_entry_point_as_the_pod_user(service: str) -> None:
-    text = dockerfile(service)
-    ops = instructions(text)
+    ops = image_ops(service)
     cmd = [args for op, args in ops if op == "CMD"]
     assert cmd == [f'["python", "-m", "services.{service}"]']
     assert (REPO_ROOT / "services" / service / "__main__.py").is_file()
@@ -170,17 +228,32 @@ def test_image_runs_the_entry_point_as_the_pod_user(service: str) -> None:
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_base_image_is_pinned_by_digest(service: str) -> None:
-    text = dockerfile(service)
-    base = arg_default(text, "PYTHON_IMAGE")
+    preamble, _ = stages(service)
+    base = arg_default(preamble, "PYTHON_IMAGE")
     assert re.fullmatch(r"python:3\.11-slim@sha256:[0-9a-f]{64}", base), base
     assert f"{sys.version_info.major}.{sys.version_info.minor}" == "3.11", "the image's Python is the venv's"
-    froms = [args for op, args in instructions(text) if op == "FROM"]
-    assert froms == ["${PYTHON_IMAGE} AS build", "${PYTHON_IMAGE} AS runtime"]
-    assert text.splitlines()[0] == "# syntax=docker/dockerfile:1"
+    # Both the build stage and the image start from that base, through the service's own stages.
+    assert chain(service, "build")[0].base == chain(service)[0].base == "${PYTHON_IMAGE}"
+    assert [stage.name for stage in chain(service, "build")] == [f"packages-{service}", "build"]
+    assert [stage.name for stage in chain(service)] == ["runtime", f"runtime-{service}", ""]
+    assert DOCKERFILE.read_text().splitlines()[0] == "# syntax=docker/dockerfile:1"
 
 
-def protoc_command(text: str) -> list[str]:
-    runs = [args for op, args in instructions(text) if op == "RUN" and "grpc_tools.protoc" in args]
+def test_each_service_has_its_stages_and_make_images_builds_each_from_this_dockerfile() -> None:
+    text = DOCKERFILE.read_text()
+    for kind in ("packages", "runtime"):
+        assert set(re.findall(rf"^FROM \S+ AS {kind}-(\w+)$", text, re.MULTILINE)) == set(SERVICES), kind
+    assert not list((REPO_ROOT / "services").glob("*/Dockerfile")), "one Dockerfile: services/Dockerfile"
+    dry_run = subprocess.run(["make", "-n", "images", "REGISTRY=registry.example", "TAG=t", "DOCKER=docker"],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
+    loop = re.search(r"for service in ([\w ]+); do", dry_run)
+    assert loop is not None and loop.group(1).split() == list(SERVICES), dry_run
+    assert ("docker build -f services/Dockerfile --build-arg SERVICE=$service "
+            "-t registry.example/shopvision-$service:t .") in dry_run, dry_run
+
+
+def protoc_command(ops: list[tuple[str, str]]) -> list[str]:
+    runs = [args for op, args in ops if op == "RUN" and "grpc_tools.protoc" in args]
     assert len(runs) == 1
     step = next(part for part in runs[0].split("&&") if "grpc_tools.protoc" in part)
     return shlex.split(step)
@@ -189,7 +262,7 @@ def protoc_command(text: str) -> list[str]:
 @pytest.mark.parametrize("service", SERVICES)
 def test_stub_generation_matches_make_protos(service: str, tmp_path: Path) -> None:
     """Run the Dockerfile's protoc step here; its output must equal gen/ from `make protos`."""
-    argv = protoc_command(dockerfile(service))
+    argv = protoc_command(build_ops(service))
     assert argv[:3] == ["/opt/tools/bin/python", "-m", "grpc_tools.protoc"]
     out = tmp_path / "gen"
     out.mkdir()
@@ -208,11 +281,10 @@ def test_stub_generation_matches_make_protos(service: str, tmp_path: Path) -> No
 @pytest.mark.parametrize("service", SERVICES)
 def test_code_copied_into_the_image_imports_alone(service: str, tmp_path: Path) -> None:
     """Lay out /app as the runtime stage does; the server module imports with nothing else of the repo."""
-    text = dockerfile(service)
     app = tmp_path / "app"
     (app / "services").mkdir(parents=True)
     shutil.copy(REPO_ROOT / "services" / "__init__.py", app / "services")
-    for package in copied_packages(text):
+    for package in copied_packages(image_ops(service)):
         shutil.copytree(REPO_ROOT / "services" / package, app / "services" / package,
                         ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO_ROOT / "gen", app / "gen", ignore=shutil.ignore_patterns("__pycache__", ".stamp"))
@@ -222,5 +294,5 @@ def test_code_copied_into_the_image_imports_alone(service: str, tmp_path: Path) 
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode == 0, result.stderr
-    ignore = (REPO_ROOT / "services" / service / "Dockerfile.dockerignore").read_text().splitlines()
+    ignore = (REPO_ROOT / "services" / "Dockerfile.dockerignore").read_text().splitlines()
     assert f"!services/{service}/" in ignore and "*" in ignore

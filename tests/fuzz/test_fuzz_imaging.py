@@ -2,6 +2,8 @@
 
 Properties, for every input: the only exception is :class:`InvalidInput` (no crash), each call
 returns within a time bound (no hang), and the process's peak memory grows by a bounded amount.
+Valid images within the service's limits (pixel count, aspect ratio) must also be *accepted*, with
+the model's input shape, so a decoder that refused everything could not pass.
 Runs are derandomized in CI (the same examples every time); ``HYPOTHESIS_PROFILE=fuzz`` explores
 new random examples for longer.
 """
@@ -14,14 +16,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from devstack.stack import REPO_ROOT
 from services.common.errors import InvalidInput
 from services.common.spec import Spec
-from services.preprocess.imaging import preprocess
+from services.preprocess.imaging import MAX_ASPECT_RATIO, Result, preprocess
 from tests.fuzz.seeds import flat_png, seeds
 
 MAX_PIXELS = 4_000_000
@@ -59,22 +61,57 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def check_bounded(data: bytes, spec: Spec) -> None:
-    """Run ``preprocess`` once and assert the three properties."""
+def check_bounded(data: bytes, spec: Spec) -> Result | InvalidInput:
+    """Run ``preprocess`` once, assert the three properties and return its result or its refusal.
+
+    Either outcome is allowed here; callers that know the input is valid assert which one it was
+    (:func:`check_accepted`, :func:`check_refused`).
+    """
     baseline = peak_rss_reset()
     started = time.perf_counter()
+    outcome: Result | InvalidInput
     try:
-        result = preprocess(data, spec, max_pixels=MAX_PIXELS)
+        outcome = preprocess(data, spec, max_pixels=MAX_PIXELS)
     except InvalidInput as error:
         assert error.reason and error.message
+        outcome = error
     else:
-        assert result.pixels.shape == (spec.height, spec.width, spec.channels)
-        assert result.pixels.dtype == np.uint8
+        assert outcome.pixels.shape == (spec.height, spec.width, spec.channels)
+        assert outcome.pixels.dtype == np.uint8
     elapsed = time.perf_counter() - started
     assert elapsed < TIME_LIMIT_S, f"took {elapsed:.1f} s"
     if baseline is not None:
         grown = _status_kib("VmHWM") * 1024 - baseline
         assert grown < MEMORY_LIMIT_BYTES, f"peak memory grew by {grown / 2**20:.0f} MiB"
+    return outcome
+
+
+def check_accepted(data: bytes, spec: Spec) -> Result:
+    """A valid image within the limits: bounded, and turned into the model's input (not refused)."""
+    outcome = check_bounded(data, spec)
+    assert isinstance(outcome, Result), f"a valid image was refused: {outcome.reason}: {outcome.message}"
+    return outcome
+
+
+def check_refused(data: bytes, spec: Spec, reason: str) -> None:
+    """A valid image outside a documented limit: bounded, and refused for that reason."""
+    outcome = check_bounded(data, spec)
+    assert isinstance(outcome, InvalidInput), "an image outside the limits was accepted"
+    assert outcome.reason == reason, (outcome.reason, outcome.message)
+
+
+def within_limits(width: int, height: int) -> bool:
+    """Whether the service must accept a valid ``width`` x ``height`` image (services/preprocess/imaging.py)."""
+    return width * height <= MAX_PIXELS and max(width, height) <= MAX_ASPECT_RATIO * min(width, height)
+
+
+@st.composite
+def servable_shapes(draw: st.DrawFn) -> tuple[int, int]:
+    """(width, height) of any size and orientation within the pixel and aspect-ratio limits, extremes included."""
+    shorter = draw(st.integers(1, 2000))  # 2000 x 2000 is the pixel limit
+    longest = min(4000, MAX_ASPECT_RATIO * shorter, MAX_PIXELS // shorter)
+    longer = draw(st.one_of(st.just(longest), st.integers(shorter, longest)))
+    return (longer, shorter) if draw(st.booleans()) else (shorter, longer)
 
 
 @st.composite
@@ -111,21 +148,36 @@ def test_mutated_images_fail_cleanly(data: bytes, spec: Spec) -> None:
 
 @pytest.mark.timeout(300)
 @settings(max_examples=40)
-@given(width=st.integers(1, 4000), height=st.integers(1, 4000), channels=st.sampled_from([1, 3, 4]),
-       spec=st.sampled_from(SPECS))
-def test_valid_images_of_any_shape_stay_bounded(width: int, height: int, channels: int, spec: Spec) -> None:
-    """Odd shapes (1x4000, 4000x1, ...) within the pixel limit must not blow up the intermediate images."""
-    assume(width * height <= MAX_PIXELS)
-    check_bounded(flat_png(width, height, channels), spec)
+@given(shape=servable_shapes(), channels=st.sampled_from([1, 3, 4]), spec=st.sampled_from(SPECS))
+def test_valid_images_of_any_shape_are_accepted_and_stay_bounded(shape: tuple[int, int], channels: int,
+                                                                 spec: Spec) -> None:
+    """Odd shapes (1x20, 4000x200, 2000x2000, ...) within the limits are served and must not blow up the
+    intermediate images; a flat image stays flat through every recipe."""
+    width, height = shape
+    assert within_limits(width, height), shape
+    pixels = check_accepted(flat_png(width, height, channels), spec).pixels
+    assert pixels.min() == pixels.max(), (shape, channels, spec)
+
+
+@pytest.mark.parametrize("name", sorted(SEEDS))
+def test_every_valid_seed_in_an_accepted_format_is_accepted(name: str) -> None:
+    """The unmutated seeds are valid files: those in an accepted format are served, GIF/TIFF refused by format."""
+    for spec in SPECS:
+        if name.startswith(("gif", "tiff")):
+            check_refused(SEEDS[name], spec, "unsupported_format")
+        else:
+            check_accepted(SEEDS[name], spec)
 
 
 def test_extreme_shapes_stay_bounded() -> None:
-    """The shapes a fuzzer finds first, kept as explicit regressions (each is a few hundred bytes)."""
-    for width, height in [(1, 40_000), (40_000, 1), (2, 20_000), (3, 1_000_000)]:
-        data = flat_png(width, height) if width * height <= 4_000_000 else b""
-        for spec in SPECS:
-            if data:
-                check_bounded(data, spec)
+    """The shapes a fuzzer finds first, kept as explicit regressions (each is a few hundred bytes): past the
+    aspect-ratio limit they are refused for it, at the limits they are served."""
     noisy_bmp = cv2.imencode(".bmp", np.zeros((3000, 1, 3), np.uint8))[1].tobytes()
     for spec in SPECS:
-        check_bounded(noisy_bmp, spec)
+        for width, height in [(1, 40_000), (40_000, 1), (2, 20_000), (3, 1_000_000)]:
+            assert not within_limits(width, height)
+            check_refused(flat_png(width, height), spec, "bad_aspect_ratio")
+        check_refused(noisy_bmp, spec, "bad_aspect_ratio")
+        for width, height in [(1, MAX_ASPECT_RATIO), (MAX_ASPECT_RATIO, 1), (4000, 200), (200, 4000), (2000, 2000)]:
+            assert within_limits(width, height)
+            check_accepted(flat_png(width, height), spec)

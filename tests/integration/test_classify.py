@@ -2,15 +2,22 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from shopvision.v1 import recognition_pb2
+from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
 
-from devstack.stack import REPO_ROOT
+from devstack.stack import REPO_ROOT, Stack, free_port
 from services.common.spec import Spec
 from services.preprocess.imaging import preprocess
 from tests.conftest import photo_bytes
@@ -44,9 +51,31 @@ def test_cat_photo_is_a_cat(gateway) -> None:
     assert any("cat" in label.lower() or label in cats for label in labels), labels
 
 
-def test_jpeg_photo_and_top_k(gateway) -> None:
-    reply = gateway.Classify(recognition_pb2.ClassifyRequest(image=photo_bytes("china.jpg"), top_k=3), timeout=30)
-    assert len(reply.predictions) == 3
+def test_top_k_is_the_head_of_the_full_distribution(gateway) -> None:
+    """top_k=3 of a JPEG photo: the three most likely classes, best first, each once, the same as the head of
+    top_k=1 and of the whole 1 000-class distribution (which sums to 1), with the model's labels."""
+    image = photo_bytes("china.jpg")
+
+    def predictions(top_k: int) -> list[recognition_pb2.Prediction]:
+        reply = gateway.Classify(recognition_pb2.ClassifyRequest(image=image, top_k=top_k), timeout=30)
+        return list(reply.predictions)
+
+    top3, top1, full = predictions(3), predictions(1), predictions(1000)
+    assert (len(top3), len(top1), len(full)) == (3, 1, 1000)
+    assert sorted(p.class_id for p in full) == list(range(1000))  # every class exactly once
+    assert sum(p.score for p in full) == pytest.approx(1.0, abs=1e-3)
+    for predictions_of in (top3, full):
+        scores = [p.score for p in predictions_of]
+        assert scores == sorted(scores, reverse=True), scores[:10]
+    assert len({p.class_id for p in top3}) == 3
+    assert [p.class_id for p in top3] == [p.class_id for p in full[:3]]
+    assert [p.score for p in top3] == pytest.approx([p.score for p in full[:3]], abs=1e-6)
+    assert top3[2].score >= full[3].score  # nothing left out scores higher
+    assert (top1[0].class_id, top1[0].label) == (top3[0].class_id, top3[0].label)
+    assert top1[0].score == pytest.approx(top3[0].score, abs=1e-6)
+    labels = {m.name: list(m.labels) for m in gateway.ListModels(recognition_pb2.ListModelsRequest(),
+                                                                 timeout=30).models}["efficientnet_lite0_imagenet"]
+    assert [p.label for p in top3] == [labels[p.class_id] for p in top3]
 
 
 def test_request_id_is_echoed(gateway) -> None:
@@ -144,10 +173,99 @@ def test_oversized_image_is_refused_and_counted(gateway, stack) -> None:
     assert after == before + 1
 
 
-def test_short_deadline_gets_deadline_exceeded(gateway) -> None:
-    with pytest.raises(grpc.RpcError) as info:
-        gateway.Classify(recognition_pb2.ClassifyRequest(image=photo_bytes("chelsea.png")), timeout=0.002)
+# -- deadlines: a gateway in front of a preprocess stand-in that never answers in time ---------------------------
+WIRE_ROUNDING_S = 0.05
+GATEWAY_DEADLINE_S = 4.0  # the gateway's GATEWAY_DEFAULT_TIMEOUT_SECONDS, for callers that send no deadline
+CALLER_DEADLINE_S = 2.0  # shorter than the gateway's own, so a gateway that ignored it would be seen
+
+
+@dataclasses.dataclass
+class SlowUpstream:
+    """A private gateway on the session stack's Triton whose preprocess is tests/integration/slow_preprocess.py."""
+
+    gateway: Stack
+    record: Path
+
+    def calls(self, request_id: str) -> list[dict]:
+        """What the stand-in saw of the calls made for ``request_id`` (the deadline each arrived with)."""
+        lines = self.record.read_text().splitlines() if self.record.exists() else []
+        return [call for call in map(json.loads, lines) if call["request_id"] == request_id]
+
+
+@pytest.fixture(scope="module")
+def slow_upstream(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlowUpstream]:
+    root = tmp_path_factory.mktemp("slow-upstream")
+    ports = dataclasses.replace(stack.ports, gateway=free_port(), gateway_metrics=free_port(),
+                                preprocess=free_port())
+    gateway = Stack(ports=ports, log_dir=root, extra_env={"GATEWAY_DEFAULT_TIMEOUT_SECONDS": str(GATEWAY_DEADLINE_S)})
+    record = root / "calls.jsonl"
+    with open(root / "slow_preprocess.log", "ab") as log:
+        stand_in = subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.slow_preprocess", "--address", gateway.preprocess_address,
+             "--record", str(record)], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30.0
+        while not Stack.grpc_serving(gateway.preprocess_address):
+            assert stand_in.poll() is None, f"the stand-in exited: {(root / 'slow_preprocess.log').read_text()}"
+            assert time.monotonic() < deadline, "the slow preprocess stand-in is not serving after 30 s"
+            time.sleep(0.1)
+        gateway.start_service("gateway")
+        gateway.wait_ready(60.0, names=("gateway",))  # SERVING needs the stand-in's health and Triton's model
+        yield SlowUpstream(gateway, record)
+    finally:
+        gateway.stop()
+        stand_in.terminate()
+        stand_in.wait(20)
+
+
+@pytest.mark.slow  # a private gateway, and 6 s spent waiting out deadlines on purpose
+def test_gateway_enforces_its_deadline_on_a_slow_upstream_and_counts_it(slow_upstream: SlowUpstream) -> None:
+    """A caller without a deadline gets DEADLINE_EXCEEDED from the gateway itself after its default deadline:
+    the gateway's own message and reason, passed on to preprocess, and counted in the gateway's metrics."""
+    metrics_port = slow_upstream.gateway.ports.gateway_metrics
+    before = scrape(metrics_port)
+    with grpc.insecure_channel(slow_upstream.gateway.gateway_address) as channel:
+        stub = recognition_pb2_grpc.ProductRecognitionStub(channel)
+        started = time.monotonic()
+        call = stub.Classify.future(recognition_pb2.ClassifyRequest(image=photo_bytes("chelsea.png")),
+                                    metadata=[("x-request-id", "deadline-from-gateway")])  # no client deadline
+        try:
+            error = call.exception(timeout=GATEWAY_DEADLINE_S + 15.0)
+        except grpc.FutureTimeoutError:
+            call.cancel()
+            pytest.fail(f"no answer {GATEWAY_DEADLINE_S + 15.0:.0f} s after the gateway's deadline: not enforced")
+        elapsed = time.monotonic() - started
+    assert error is not None, "a preprocess stand-in that never answers gave a reply"
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (error.code(), error.details())
+    assert "deadline exceeded while waiting for the preprocess service" in (error.details() or "")
+    assert dict(error.trailing_metadata() or ()).get("x-error-reason") == "deadline"
+    assert GATEWAY_DEADLINE_S - 0.5 <= elapsed < GATEWAY_DEADLINE_S + 3.0, elapsed
+    (upstream_call,) = slow_upstream.calls("deadline-from-gateway")
+    assert upstream_call["time_remaining_s"] is not None, "the gateway called preprocess without a deadline"
+    # gRPC sends a timeout rounded up to its wire units (seen: 4.0088 s for 4 s): allow that rounding, no more.
+    assert 0.0 < upstream_call["time_remaining_s"] <= GATEWAY_DEADLINE_S + WIRE_ROUNDING_S, upstream_call
+    after = scrape(metrics_port)
+    for name, labels in (("shopvision_gateway_requests_total", {"method": "Classify", "code": "DEADLINE_EXCEEDED"}),
+                         ("shopvision_gateway_upstream_errors_total",
+                          {"upstream": "preprocess", "code": "DEADLINE_EXCEEDED"})):
+        assert value(after, name, **labels) == value(before, name, **labels) + 1, (name, labels)
+
+
+@pytest.mark.slow  # a private gateway, and 6 s spent waiting out deadlines on purpose
+def test_caller_deadline_is_propagated_to_the_slow_upstream(slow_upstream: SlowUpstream) -> None:
+    """The caller's deadline, not the gateway's own, bounds the call and travels on to the preprocess hop."""
+    with grpc.insecure_channel(slow_upstream.gateway.gateway_address) as channel:
+        stub = recognition_pb2_grpc.ProductRecognitionStub(channel)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(recognition_pb2.ClassifyRequest(image=photo_bytes("chelsea.png")),
+                          metadata=[("x-request-id", "deadline-from-caller")], timeout=CALLER_DEADLINE_S)
+        elapsed = time.monotonic() - started
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert elapsed < CALLER_DEADLINE_S + 1.0
+    (call,) = slow_upstream.calls("deadline-from-caller")
+    assert call["time_remaining_s"] is not None, "the gateway called preprocess without a deadline"
+    assert 0.0 < call["time_remaining_s"] <= CALLER_DEADLINE_S + WIRE_ROUNDING_S, call
 
 
 def test_dynamic_batching_under_concurrent_load(gateway, stack) -> None:

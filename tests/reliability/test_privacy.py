@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from google.protobuf import text_encoding
 from shopvision.v1 import preprocess_pb2, preprocess_pb2_grpc, recognition_pb2, recognition_pb2_grpc
 
@@ -47,6 +48,12 @@ def fragments(data: bytes) -> tuple[list[bytes], list[str]]:
     texts += [text_encoding.CEscape(w, as_utf8=False) for w in windows]
     texts += [json.dumps(t)[1:-1] for t in texts if json.dumps(t)[1:-1] != t]  # as they appear in JSON logs
     return windows, texts
+
+
+def echoes(message: str, data: bytes) -> bool:
+    """Whether an error message carries a fragment of ``data`` in any of the encodings :func:`fragments` makes."""
+    _, texts = fragments(data)
+    return any(t in message for t in texts)
 
 
 def leaks(path: Path, windows: list[bytes], texts: list[str]) -> list[str]:
@@ -85,13 +92,17 @@ def test_image_bytes_are_never_logged_nor_written(stack: Stack) -> None:
             recognition_pb2.ClassifyRequest(image=b"GIF89a" + image[6:]),  # unsupported format
         ]), timeout=30)
         assert [item.WhichOneof("result") for item in batch.items] == ["response", "error", "error"]
-        for broken in (image[: len(image) // 2], b"\x89PNG\r\n\x1a\n" + image[100:], image[100:]):
-            try:
+        for item, sent in zip(batch.items[1:], (image[: len(image) // 2], b"GIF89a" + image[6:]), strict=True):
+            assert item.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], item.error
+            assert not echoes(item.error.message, sent), "a batch item's error message echoes the image"
+        broken_uploads = {"truncated": image[: len(image) // 2], "no IHDR": b"\x89PNG\r\n\x1a\n" + image[100:],
+                          "no signature": image[100:]}
+        for name, broken in broken_uploads.items():
+            # Each must be refused: an accepted broken upload would leave its error path untested here.
+            with pytest.raises(grpc.RpcError) as refused:
                 gateway.Classify(recognition_pb2.ClassifyRequest(image=broken), timeout=30)
-            except grpc.RpcError as error:
-                assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-                _, texts = fragments(broken)
-                assert not [t for t in texts if t in (error.details() or "")], "error message echoes the image"
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, refused.value.code())
+            assert not echoes(refused.value.details() or "", broken), f"{name}: the error message echoes the image"
     with grpc.insecure_channel(stack.preprocess_address, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
         preprocess_pb2_grpc.PreprocessorStub(ch).Preprocess(preprocess_pb2.PreprocessRequest(
             image=image, spec=preprocess_pb2.ImageSpec(height=224, width=224, channels=3)), timeout=30)

@@ -72,7 +72,8 @@ class HealthWatch:
         self._call = health_pb2_grpc.HealthStub(self._channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
-        wait_for(lambda: SERVING in self.statuses, 10, "health SERVING on the watch stream")
+        # Bounded but generous: under a full test run on 2 cores the first status can take over 10 s.
+        wait_for(lambda: SERVING in self.statuses, 30, "health SERVING on the watch stream")
 
     def _read(self) -> None:
         try:

@@ -67,9 +67,9 @@ def test_gateway_ann_recall_at_10_against_exact_search_on_the_served_embeddings(
     the ANN together."""
     import onnxruntime as ort
 
-    from training.evaluate import preprocess_all
-    from training.recipe import read_spec
-    from training.repository import latest
+    from training.data.uploads import preprocess_all
+    from training.repository.layout import latest
+    from training.repository.recipe import read_spec
 
     spec = read_spec(REPOSITORY / MODEL / "config.pbtxt")
     session = ort.InferenceSession(str(latest(REPOSITORY / f"{MODEL}_onnx") / "model.onnx"),

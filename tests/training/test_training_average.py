@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from training import average, evaluate
-from training.models import load_checkpoint
+from training.nets.models import load_checkpoint
 
 
 @pytest.fixture(scope="module")

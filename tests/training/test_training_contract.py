@@ -3,8 +3,10 @@ agree, and training reads the same recipe the gateway builds from Triton's confi
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 from google.protobuf import json_format
@@ -12,12 +14,20 @@ from tritonclient.grpc import model_config_pb2
 
 from services.common.spec import Spec
 from services.gateway.triton import spec_from_config
-from training.datasets import FASHION_LABELS
-from training.recipe import read_config, read_spec, spec_from_dict, spec_to_dict
-from training.repository import classifier_config, combine_config, ensemble_config, fused_config, latest
+from training.data.datasets import FASHION_LABELS
+from training.report.metrics import softmax
+from training.repository.layout import (
+    COMBINE_SOURCE,
+    classifier_config,
+    combine_config,
+    ensemble_config,
+    fused_config,
+    install_combine_model,
+    latest,
+)
+from training.repository.recipe import read_config, read_spec, spec_from_dict, spec_to_dict
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
-FASHION = Spec(28, 28, 1, "object", 0, "dark")
 COMMITTED = ["fashion_cnn", "fashion_effnet"]
 
 
@@ -29,30 +39,37 @@ def _dims(config, name: str) -> list[int]:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("model", COMMITTED)
 def test_training_and_gateway_read_the_same_recipe_from_the_committed_config(model: str) -> None:
     config = read_config(REPOSITORY / model / "config.pbtxt")
-    assert read_spec(REPOSITORY / model / "config.pbtxt") == FASHION
     as_triton_json = json_format.MessageToDict(config, preserving_proto_field_name=True)
-    assert spec_from_config(as_triton_json) == FASHION
-    assert config.parameters["shopvision.public"].string_value == "true"
+    served = spec_from_config(as_triton_json)  # what the gateway builds from Triton's view of this config
+    assert read_spec(REPOSITORY / model / "config.pbtxt") == served
+    image = next(i for i in config.input if i.name == "image")
+    assert (served.height, served.width, served.channels) == tuple(image.dims)
+    params = {key: value.string_value for key, value in config.parameters.items()}
+    assert (served.crop, str(served.resize_shorter), served.background) == (
+        params["preprocess.crop"], params["preprocess.resize_shorter"], params["preprocess.background"])
+    assert params["shopvision.public"] == "true"
 
 
 @pytest.mark.parametrize("model", COMMITTED)
 def test_committed_onnx_graph_matches_its_configs_labels_and_card(model: str) -> None:
     classifier = read_config(REPOSITORY / f"{model}_onnx" / "config.pbtxt")
     ensemble = read_config(REPOSITORY / model / "config.pbtxt")
+    recipe = read_spec(REPOSITORY / model / "config.pbtxt")
     assert classifier.backend == "onnxruntime" and ensemble.platform == "ensemble"
     assert ensemble.ensemble_scheduling.step[0].model_name == f"{model}_onnx"
     session = ort.InferenceSession(str(latest(REPOSITORY / f"{model}_onnx") / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
     (image,) = session.get_inputs()
     assert image.name == "image" and image.type == "tensor(uint8)"
-    assert image.shape[1:] == _dims(classifier, "image") == _dims(ensemble, "image") == [28, 28, 1]
+    assert image.shape[1:] == _dims(classifier, "image") == _dims(ensemble, "image") == [
+        recipe.height, recipe.width, recipe.channels]
     outputs = {o.name: o.shape[1:] for o in session.get_outputs()}
     assert outputs == {"logits": _dims(classifier, "logits"), "embedding": _dims(classifier, "embedding")}
     assert _dims(ensemble, "probabilities") == [10] and _dims(ensemble, "embedding") == outputs["embedding"]
     labels = (REPOSITORY / model / "labels.txt").read_text().splitlines()
     assert labels == list(FASHION_LABELS)
     version = latest(REPOSITORY / model)
-    assert spec_from_dict(json.loads((version / "spec.json").read_text())) == FASHION
+    assert spec_from_dict(json.loads((version / "spec.json").read_text())) == recipe  # trained on the served recipe
     card = (version / "MODEL_CARD.md").read_text()
     assert "test top-1" in card and "catalog-style photos top-1" in card
     assert json.loads((version / "eval.json").read_text())["test"]["count"] == 10000
@@ -77,3 +94,53 @@ def _parse(text: str):  # type: ignore[no-untyped-def]
     from google.protobuf import text_format
 
     return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def test_the_model_repository_holds_real_files_only() -> None:
+    """A served model is a file in the repository (a symlink into training/ breaks when the folder is copied, synced
+    to object storage or mounted alone)."""
+    links = [str(p.relative_to(REPOSITORY)) for p in REPOSITORY.rglob("*") if p.is_symlink()]
+    assert links == []
+
+
+def test_publish_installs_a_copy_of_the_one_combine_model(tmp_path: Path) -> None:
+    assert COMBINE_SOURCE.is_file() and not COMBINE_SOURCE.is_symlink()
+    model_dir = install_combine_model(tmp_path, "f", 2, [0.7, 0.3])
+    installed = model_dir / "1" / "model.py"
+    assert not installed.is_symlink() and installed.read_bytes() == COMBINE_SOURCE.read_bytes()
+    # Republishing fashion_fused into the repository that holds the source (source = target) keeps the file whole.
+    copy = tmp_path / "repo"
+    shutil.copytree(REPOSITORY / "fashion_fused_combine", copy / "fashion_fused_combine")
+    target = copy / "fashion_fused_combine" / "1" / "model.py"
+    install_combine_model(copy, "fashion_fused", 2, [0.75, 0.25], source=target)
+    assert target.read_bytes() == COMBINE_SOURCE.read_bytes()
+
+
+def _triton_model_module(path: Path):  # type: ignore[no-untyped-def]
+    """Import a Triton Python model file with the real ``triton_python_backend_utils`` of the pytriton wheel."""
+    import importlib.util
+    import sys
+
+    import pytriton
+
+    backend = Path(pytriton.__file__).parent / "tritonserver" / "backends" / "python"
+    sys.path.insert(0, str(backend))
+    try:
+        spec = importlib.util.spec_from_file_location(f"triton_model_{path.parent.parent.name}", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(backend))
+    return module
+
+
+def test_the_served_softmax_copies_agree_with_trainings() -> None:
+    """Triton loads its model files on their own, so the combine step keeps its own softmax: it must compute what
+    training scores with (``training.report.metrics.softmax``), large logits included."""
+    combine = _triton_model_module(COMBINE_SOURCE)
+    logits = np.random.default_rng(0).normal(0, 30, (64, 10)).astype(np.float32)
+    logits[0] = 1000.0  # overflow without the max shift
+    np.testing.assert_allclose(combine.softmax(logits), softmax(logits), rtol=1e-6, atol=1e-7)
+    assert np.isfinite(softmax(logits)).all()
+    np.testing.assert_allclose(softmax(logits).sum(axis=-1), 1.0, rtol=1e-5)

@@ -17,8 +17,8 @@ from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
 
 from devstack.stack import Ports, Stack
 from training import publish
-from training.catalog import render
-from training.datasets import FASHION_LABELS, fashion_mnist_raw, stratified_subset
+from training.data.catalog import render
+from training.data.datasets import FASHION_LABELS, fashion_mnist_raw, stratified_subset
 from training.evaluate import classify_all
 
 pytestmark = pytest.mark.stack
@@ -60,23 +60,32 @@ def test_committed_fashion_model_answers_test_images_and_catalog_photos(
     assert (listed[model].input_height, listed[model].input_width, listed[model].input_channels) == (28, 28, 1)
 
 
+@pytest.mark.slow
 def test_fine_tuned_model_through_classify_on_all_test_images_and_catalog_photos(stack: Stack) -> None:
     """The fine-tuned EfficientNet-Lite0 through the real Classify path: all 10 000 Fashion-MNIST test images (sent
     as PNG uploads) and 1 000 catalog-style photos (colour JPEGs of any size, light background, off-centre).
 
     Measured on fashion_effnet v4: 95.12 % and 93.70 % (2 000 photos); v3 94.99 % and 94.15 %, v2 94.67 % and
     93.55 %. The floors are the issue's bar for the served model, 95.0 % / 90 %: v3 and every earlier version would
-    fail the first (docs/MODELS.md)."""
+    fail the first (docs/MODELS.md).
+
+    Why a margin of 12 test images is enough: the figure is a deterministic function of the committed file and the
+    library versions, which requirements.txt pins (numpy, opencv-python-headless, onnxruntime). What varies from run
+    to run is only how dynamic batching groups the requests; measured: Classify (``classify_eval.json``, batches of
+    any size) and in-process ONNX Runtime (``eval.json``, batch 256) both count 9 512 correct images, and in-process
+    at batch 1, 7 and 256 (2026-12-01, this machine) not one of the 10 000 predictions changes: the measured
+    variation is 0 images, so 12 is a margin, not a coin toss. Slow (11 000 Classify calls): ``-m 'not slow'``
+    leaves it out of a quick run; ``make test`` runs it."""
     items, labels = fashion_mnist_raw("test")
     scores = classify_all(stack.gateway_address, SERVED, [_png(x) for x in items], len(FASHION_LABELS), 8)
-    test_top1 = float(np.mean(scores.argmax(1) == labels))
+    test_correct = int(np.sum(scores.argmax(1) == labels))
     pick = stratified_subset(labels, 1000, seed=3)
     photos = [render(items[i], seed=int(i)).data for i in pick]
     scores = classify_all(stack.gateway_address, SERVED, photos, len(FASHION_LABELS), 8)
-    catalog_top1 = float(np.mean(scores.argmax(1) == labels[pick]))
-    print(f"{SERVED} through Classify: test top-1 {test_top1:.4f} (10 000), catalog-style {catalog_top1:.4f} (1 000)")
-    assert test_top1 >= 0.950, test_top1
-    assert catalog_top1 >= 0.90, catalog_top1
+    catalog_correct = int(np.sum(scores.argmax(1) == labels[pick]))
+    print(f"{SERVED} through Classify: test {test_correct} / 10 000, catalog-style {catalog_correct} / 1 000")
+    assert test_correct >= 9500, f"{test_correct} of 10 000 test images right, the bar is 9 500 (95.0 %)"
+    assert catalog_correct >= 900, f"{catalog_correct} of 1 000 catalog photos right, the bar is 900 (90 %)"
 
 
 @pytest.fixture(scope="module")

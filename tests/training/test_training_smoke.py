@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from training import compare, evaluate, quantize
-from training.datasets import FASHION_LABELS
-from training.models import load_checkpoint
+from training.data.datasets import FASHION_LABELS, FASHION_MNIST, load_dataset, source_labels, stratified_subset
+from training.nets.models import load_checkpoint
+from training.onnx.quantization import is_depthwise
+from training.repository.recipe import spec_from_dict
 
 
 def _run_json(run_dir: Path) -> dict:
@@ -69,13 +71,40 @@ def test_training_is_seeded_and_resume_continues_the_same_run(tmp_path: Path, tr
         torch.testing.assert_close(continued[name], tensor)
 
 
-def test_distillation_uses_the_teacher(tmp_path: Path, smoke_runs: dict[str, Path], train_run) -> None:
-    small = ("--limit-train", "64", "--limit-val", "32", "--no-export")
-    plain = train_run(tmp_path / "plain", *small)
-    distilled = train_run(tmp_path / "kd", *small, "--teacher", str(smoke_runs["effnet"] / "checkpoint.pth"),
-                          "--kd-alpha", "0.9")
-    assert distilled["meta"]["teacher"].endswith("checkpoint.pth")
-    assert distilled["history"][0]["train_loss"] != plain["history"][0]["train_loss"]
+def _predictions(checkpoint: Path, images: np.ndarray) -> np.ndarray:
+    model, _ = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        logits, _ = model(torch.from_numpy(images))
+    return logits.argmax(1).numpy()
+
+
+def test_distillation_learns_the_teachers_answers(tmp_path: Path, smoke_runs: dict[str, Path], train_run) -> None:
+    """Pure distillation (``--kd-alpha 1``: the labels do not count) from a teacher and from the same teacher with
+    its classes permuted (its head's rows rolled by one): each student agrees with its own teacher far more than with
+    the other. A student that ignored its teacher would come out the same from both, seeded alike."""
+    teacher = smoke_runs["cnn"] / "checkpoint.pth"
+    checkpoint = torch.load(teacher, map_location="cpu", weights_only=False)
+    roll = np.roll(np.arange(10), 1)  # a derangement: no class keeps its index
+    for name in ("head.1.weight", "head.1.bias"):
+        checkpoint["model"][name] = checkpoint["model"][name][roll]
+    permuted = tmp_path / "permuted.pth"
+    torch.save(checkpoint, permuted)
+    spec = spec_from_dict(checkpoint["meta"]["spec"])
+    labels, _ = source_labels(FASHION_MNIST, "test")
+    images = load_dataset(FASHION_MNIST, spec, split="test", indices=stratified_subset(labels, 300, 5)).images
+    answers = {"teacher": _predictions(teacher, images), "permuted": _predictions(permuted, images)}
+    assert not np.any(answers["teacher"] == answers["permuted"])
+
+    kd = ("--kd-alpha", "1", "--kd-temperature", "1", "--epochs", "3", "--no-export")
+    agreement = {}
+    for name, source in (("teacher", teacher), ("permuted", permuted)):
+        run = train_run(tmp_path / name, *kd, "--teacher", str(source))
+        assert run["meta"]["teacher"] == str(source)
+        student = _predictions(tmp_path / name / "checkpoint.pth", images)
+        agreement[name] = {other: float(np.mean(student == answer)) for other, answer in answers.items()}
+    # Measured: 0.83 with its teacher vs 0.03 with the permuted one; 0.73 vs 0.00 for the permuted teacher's student.
+    assert agreement["teacher"]["teacher"] > agreement["teacher"]["permuted"] + 0.3, agreement
+    assert agreement["permuted"]["permuted"] > agreement["permuted"]["teacher"] + 0.3, agreement
 
 
 def test_quantize_writes_an_int8_model_and_a_side_by_side_report(tmp_path: Path, smoke_runs: dict[str, Path]) -> None:
@@ -88,7 +117,10 @@ def test_quantize_writes_an_int8_model_and_a_side_by_side_report(tmp_path: Path,
     assert any(node.op_type == "QuantizeLinear" for node in int8.graph.node)
     assert result["test_images"] == 200 and result["calibration_images"] == 64
     assert set(result["speedup"]) == {"batch_1", "batch_64"}
-    assert abs(result["top1_change_pt"]) < 20  # a broken calibration drops to chance
+    # Measured on this smoke run (200 test images, FP32 35.5 %): INT8 changes top-1 by +1.0 pt with 8-bit weights
+    # and by 0.0 pt with 7-bit (the VNNI and non-VNNI paths), over 32 / 64 / 128 calibration images between 0.0 and
+    # +1.0 pt, i.e. at most 2 of 200 images. Twice that is the tolerance; a broken calibration costs far more.
+    assert abs(result["top1_change_pt"]) <= 2.0, result["top1_change_pt"]
     assert result["excluded_nodes"] == [] and len(result["worst_activations_sqnr_db"]) > 0
 
 
@@ -104,7 +136,7 @@ def _weight_peaks(int8_path: Path) -> dict[str, tuple[bool, int]]:
     for node in int8.graph.node:
         weight = dequantized.get(node.input[1]) if node.op_type == "Conv" else None
         if weight is not None:
-            peaks[node.name] = (quantize.is_depthwise(node), int(np.abs(weight.astype(np.int32)).max()))
+            peaks[node.name] = (is_depthwise(node), int(np.abs(weight.astype(np.int32)).max()))
     return peaks
 
 

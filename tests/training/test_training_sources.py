@@ -12,9 +12,9 @@ import pytest
 
 from services.common.spec import Spec
 from training import evaluate
-from training.datasets import load_dataset, source_labels
-from training.recipe import read_spec
-from training.repository import ensemble_config
+from training.data.datasets import load_dataset, source_labels
+from training.repository.layout import ensemble_config
+from training.repository.recipe import read_spec
 
 SHAPES = ("circle", "square", "triangle")
 

@@ -12,15 +12,16 @@ import torch
 from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import precision_recall_fscore_support, top_k_accuracy_score
 
-from services.common.spec import Spec
 from services.preprocess.imaging import preprocess
-from training.augment import Augment
-from training.catalog import render
-from training.datasets import fashion_mnist_raw, read_idx, stratified_split, stratified_subset
-from training.metrics import classification_report
-from training.models import build_model, count_macs
+from training.data.augment import Augment
+from training.data.catalog import render
+from training.data.datasets import fashion_mnist_raw, read_idx, stratified_split, stratified_subset
+from training.nets.models import build_model, count_macs
+from training.report.metrics import classification_report
+from training.repository.recipe import read_spec
 
-FASHION = Spec(28, 28, 1, "object", 0, "dark")
+# The recipe of the committed fashion models, read from their config (its one home).
+FASHION = read_spec(Path(__file__).resolve().parents[2] / "model_repository" / "fashion_cnn" / "config.pbtxt")
 
 
 def test_read_idx_reads_gzipped_idx(tmp_path: Path) -> None:
@@ -72,7 +73,7 @@ def test_student_has_at_least_5x_fewer_macs_than_the_teacher() -> None:
 def test_resnet_small_exports_with_parity_and_a_128_dim_embedding(tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from training.onnx_export import export
+    from training.onnx.export import export
 
     torch.manual_seed(0)
     model = build_model("resnet_small", FASHION, 10).eval()
@@ -96,7 +97,7 @@ def test_contrast_stretch_makes_the_model_exposure_invariant() -> None:
 def test_flip_tta_makes_the_exported_model_mirror_invariant(tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from training.onnx_export import export
+    from training.onnx.export import export
 
     torch.manual_seed(0)
     model = build_model("seed_cnn", FASHION, 10).eval()
@@ -120,7 +121,7 @@ def test_float16_stored_weights_halve_the_file_and_keep_the_outputs(tmp_path: Pa
     import onnx
     import onnxruntime as ort
 
-    from training.onnx_export import export, store_weights_as_float16
+    from training.onnx.export import export, store_weights_as_float16
 
     torch.manual_seed(0)
     export(build_model("seed_cnn", FASHION, 10).eval(), tmp_path / "model.onnx", 28, 28, 1)

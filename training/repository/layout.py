@@ -15,17 +15,20 @@ their probabilities in a small Python model ``<fused>_combine``.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 from services.common.spec import Spec
-from training.recipe import spec_parameters
+from training.repository.recipe import spec_parameters
 
+REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 CLASSIFIER_SUFFIX = "_onnx"
 COMBINE_SUFFIX = "_combine"
 SOFTMAX = "postprocess_softmax"
-COMBINE_SOURCE = Path(__file__).with_name("fuse_probabilities.py")
+# The public ImageNet model (the gateway's default), written by ``training.export_imagenet``; bench/ uses it too.
+IMAGENET_ENSEMBLE = "efficientnet_lite0_imagenet"
+# The one copy of the combine step's Triton model; every fused model gets a copy of this file.
+COMBINE_SOURCE = REPOSITORY / "fashion_fused_combine" / "1" / "model.py"
 
 
 def classifier_name(model: str) -> str:
@@ -199,9 +202,13 @@ def copy_files(files: list[Path], folder: Path) -> list[Path]:
     return copies
 
 
-def install_combine_model(repository: Path, fused: str, members: int, weights: list[float]) -> Path:
+def install_combine_model(repository: Path, fused: str, members: int, weights: list[float],
+                          source: Path = COMBINE_SOURCE) -> Path:
+    """``<fused>_combine``: a copy of the one combine model file (``source``) and its config."""
     model_dir = repository / f"{fused}{COMBINE_SUFFIX}"
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(COMBINE_SOURCE, model_dir / "1" / "model.py")
+    # Read, then written atomically: also right when the target is the source itself (fashion_fused republished
+    # into model_repository/).
+    write_atomic(model_dir / "1" / "model.py", source.read_bytes())
     write_atomic(model_dir / "config.pbtxt", combine_config(fused, members, weights))
     return model_dir

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from training.augment import Augment
+from training.data.augment import Augment
 
 LOG = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from services.common.spec import Spec
-from training.export_imagenet import PooledFeatures, load_imagenet_lite0
-from training.onnx_export import UInt8NHWCWrapper
-from training.recipe import spec_from_dict
+from training.nets.imagenet import PooledFeatures, load_imagenet_lite0
+from training.nets.wrapper import UInt8NHWCWrapper
+from training.repository.recipe import spec_from_dict
 
 # Fashion-MNIST pixel statistics (mean 0.286, std 0.353 of [0, 1]) on the 0..255 scale.
 CNN_MEAN, CNN_STD = 72.9, 90.0

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from training.onnx_export import INPUT_NAME, OUTPUT_NAMES
+from training.onnx.export import INPUT_NAME, OUTPUT_NAMES
 
 
 def session(path: Path, threads: int = 1) -> ort.InferenceSession:

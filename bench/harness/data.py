@@ -1,4 +1,5 @@
-"""The benchmark's images: real sample photos re-encoded as JPEGs of several sizes, and their model tensors.
+"""The request data of the benchmarks: real sample photos as JPEGs of several sizes, their model tensors,
+and serialised ``ClassifyRequest`` messages.
 
 Every system in ``make bench`` sees the same pictures: the services get the JPEG bytes, the
 ONNX Runtime ceiling and Triton-direct runs get the uint8 tensors the preprocess service makes
@@ -7,6 +8,7 @@ of those same bytes (same recipe, read from the model's ``config.pbtxt``).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +18,14 @@ import numpy as np
 from devstack.stack import REPO_ROOT, sample_photo
 from services.common.spec import Spec
 from services.preprocess.imaging import preprocess
+from training.repository.layout import IMAGENET_ENSEMBLE
 
 # CC0 / public-domain photos shipped in scikit-image and scikit-learn.
 PHOTOS = ("coffee.png", "chelsea.png", "astronaut.png", "rocket.jpg", "china.jpg", "flower.jpg")
 # (width, height): VGA, ~1 MP, ~3 MP and a 12 MP phone photo (4:3).
 SIZES = ((640, 480), (1152, 864), (2048, 1536), (4032, 3024))
-ENSEMBLE = "efficientnet_lite0_imagenet"
+ENSEMBLE = IMAGENET_ENSEMBLE
+CALL = "shopvision.v1.ProductRecognition.Classify"
 
 
 @dataclass(frozen=True)
@@ -108,3 +112,31 @@ def model_spec(repository: Path = REPO_ROOT / "model_repository", model: str = E
 def tensors(images: ImageSet, spec: Spec) -> list[np.ndarray]:
     """The uint8 (H, W, C) model inputs the preprocess service makes of ``images``."""
     return [preprocess(jpeg, spec, max_pixels=100_000_000).pixels for jpeg in images.jpegs]
+
+
+def jpeg_of(photo: Path, quality: int = 90) -> bytes:
+    """The image file ``photo`` re-encoded as a JPEG, the way a shop's upload usually arrives."""
+    image = cv2.imread(str(photo), cv2.IMREAD_COLOR)
+    if image is None:
+        raise RuntimeError(f"cannot read {photo}")
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError(f"cannot encode {photo} as JPEG")
+    return encoded.tobytes()
+
+
+def jpeg_photo(name: str = "coffee.png", quality: int = 90) -> bytes:
+    """A sample photo as a JPEG (what shop clients send; cheaper for the load generator than PNG)."""
+    return jpeg_of(sample_photo(name), quality)
+
+
+def classify_payloads_from_bytes(images: Iterable[bytes], top_k: int = 5, model: str = "") -> list[bytes]:
+    """Serialised ``ClassifyRequest`` messages, one per encoded image."""
+    from shopvision.v1 import recognition_pb2
+
+    return [recognition_pb2.ClassifyRequest(image=image, top_k=top_k, model=model).SerializeToString()
+            for image in images]
+
+
+def classify_payloads(images: Sequence[Path], top_k: int = 5, model: str = "") -> list[bytes]:
+    return classify_payloads_from_bytes((path.read_bytes() for path in images), top_k, model)

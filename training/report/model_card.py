@@ -121,7 +121,7 @@ def render(run: dict, report: dict, extras: dict[str, dict] | None = None) -> st
         lines += ["## Catalog-style photos: per class", "",
                   "Fashion-MNIST test items rendered as colour product photos (light background, random tint, "
                   f"scale and offset, 320-1280 px canvas, JPEG quality {catalog.get('jpeg_qualities')}; "
-                  f"seed {catalog.get('seed')}); see `training/catalog.py`.", "",
+                  f"seed {catalog.get('seed')}); see `training/data/catalog.py`.", "",
                   *_per_class_table(catalog), "", "![confusion matrix, catalog-style photos](confusion_catalog.png)",
                   ""]
     for name, data in (extras or {}).items():

@@ -1,4 +1,4 @@
-"""CPU time of process trees and counters from Prometheus endpoints, read before and after a run.
+"""CPU time and resident memory of process trees, and counters from Prometheus endpoints, read around a run.
 
 Each service of the stack runs in its own session (``start_new_session=True``), so the CPU
 time of a service, its threads and its children (Triton's Python backend stubs) is the sum
@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from devstack.stack import Stack
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -44,6 +50,56 @@ def session_cpu_seconds(session_ids: Mapping[str, int]) -> dict[str, float]:
 def self_cpu_seconds() -> float:
     times = os.times()
     return times.user + times.system
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants (Triton's backend stubs are children)."""
+    total = 0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += rss_bytes(int(child))
+    except (OSError, ValueError):
+        pass
+    return total
+
+
+@dataclass
+class MemorySampler:
+    """Samples the RSS of each service of ``stack`` every ``interval_s`` in a thread."""
+
+    stack: Stack
+    interval_s: float = 0.5
+    samples: dict[str, list[int]] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        for name, proc in self.stack.processes.items():
+            self.samples.setdefault(name, []).append(rss_bytes(proc.pid))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> MemorySampler:
+        self.sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self.sample()
+
+    def report(self) -> dict[str, dict[str, float]]:
+        return {name: {"start_mib": values[0] / 2**20, "peak_mib": max(values) / 2**20,
+                       "end_mib": values[-1] / 2**20} for name, values in self.samples.items() if values}
 
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)$')

@@ -52,5 +52,8 @@ def classification_report(scores: np.ndarray, labels: np.ndarray, classes: tuple
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+    """Numerically stable softmax over the last axis: training's one implementation. The served copies
+    (``postprocess_softmax`` and the fused combine step, self-contained Triton models) are tested against it."""
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    result: np.ndarray = shifted / shifted.sum(axis=-1, keepdims=True)
+    return result

@@ -1,0 +1,1 @@
+"""The training loop: one epoch (with distillation), batched prediction, progress bars."""

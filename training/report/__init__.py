@@ -1,0 +1,1 @@
+"""Reports: metrics, plots, model cards, and run directories read back."""
