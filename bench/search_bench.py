@@ -163,17 +163,21 @@ def query_vectors(queries: list) -> tuple[np.ndarray, list[str]]:  # type: ignor
 
 def exact_answers(vectors: np.ndarray, categories: list[str], attributes: list[dict[str, list[str]]],
                   queries: np.ndarray, predicted: list[str], category: str, text: str, k: int) -> list[set[int]]:
+    """Exact top-k of every query under the same category and attribute filter, by brute force over all vectors."""
     from services.gateway.catalog.filters import AttributeLimits, parse_filter
 
     where = parse_filter(text, AttributeLimits())
     passes = np.array([where.matches(a) for a in attributes])
     cats = np.array(categories)
-    out = []
-    for q, vector in enumerate(queries):
-        mask = passes & (cats == predicted[q]) if category == "@predicted" else passes
-        candidates = np.flatnonzero(mask)
-        scores = vectors[candidates] @ vector
-        out.append(set(candidates[np.argsort(-scores)[:k]].tolist()))
+    out: list[set[int]] = []
+    for start in range(0, len(queries), 256):  # one matrix product per block of queries, not a copy per query
+        scores = queries[start:start + 256] @ vectors.T
+        for row, q in zip(scores, range(start, start + len(scores)), strict=True):
+            mask = passes & (cats == predicted[q]) if category == "@predicted" else passes
+            row = np.where(mask, row, -np.inf)
+            top = np.argpartition(-row, k)[:k] if len(row) > k else np.arange(len(row))
+            top = top[np.isfinite(row[top])]
+            out.append(set(top[np.argsort(-row[top])].tolist()))
     return out
 
 
