@@ -24,6 +24,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from services.common.config import env_str
 from services.gateway.catalog.service import Embedder, catalog_name
 from services.gateway.catalog.store import CatalogRow, CatalogStore, database_errors
@@ -115,7 +117,7 @@ async def run(args: argparse.Namespace) -> int:
     await store.pool.open(wait=True, timeout=30)
     preprocess = PreprocessClient(args.preprocess, max_message_bytes=64 * 1024 * 1024)
     triton = TritonBackend(args.triton)
-    embedder = Embedder(preprocess, triton, max_image_bytes=1 << 30)
+    embedder = Embedder(preprocess, triton)
     try:
         await triton.refresh()
         catalog = await store.get_catalog(name, counts=True)
@@ -142,9 +144,8 @@ async def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         if catalog.reembed_version != version:
             model = await embedder.model(catalog.model)
-            probe = await embedder.embed_pixels(model, await embedder.pixels(
-                model, await store.image((await store.missing(catalog, version, 1))[0][1]), time.monotonic() + 30,
-                "reembed-probe"), version, time.monotonic() + 30, "reembed-probe")
+            blank = np.zeros((model.spec.height, model.spec.width, model.spec.channels), dtype=np.uint8)
+            probe = await triton.embed(model, blank, 30.0, "reembed-probe", version)  # only its dimension matters
             catalog = await store.begin_reembed(catalog, version, int(probe.vector.shape[0]))
             LOG.info("catalog %s: filling in %s version %s beside the serving version %s (%d products)",
                      name, catalog.model, version, old_version, catalog.product_count)

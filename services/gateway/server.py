@@ -109,7 +109,7 @@ def catalog_service(config: GatewayConfig, preprocess: PreprocessClient,
     settings = CatalogSettings(default_model=search.model or config.default_model, max_k=search.max_k,
                                duplicate_threshold=search.duplicate_threshold, limits=limits,
                                max_image_bytes=config.max_image_bytes)
-    return CatalogService(store, Embedder(preprocess, triton, config.max_image_bytes), settings)
+    return CatalogService(store, Embedder(preprocess, triton), settings)
 
 
 def caller_interceptor(config: GatewayConfig) -> CallerInterceptor | None:

@@ -22,6 +22,7 @@ from services.gateway.concurrency import AdmissionGate
 from services.gateway.config import GatewayConfig
 from services.gateway.preprocess_client import PreprocessClient
 from services.gateway.triton import Model, TritonBackend
+from services.gateway.uploads import check_upload
 
 LOG = logging.getLogger(__name__)
 REQUEST_ID_KEY = "x-request-id"
@@ -62,19 +63,7 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
 
     async def _model(self, name: str) -> Model:
         name = name or self._config.default_model
-        model = self._triton.models.get(name)
-        if model is None:
-            # A model published a moment ago: when Triton says it is ready, re-read the models now;
-            # otherwise look again at most once a second (unknown names must not hammer Triton).
-            try:
-                if await self._triton.model_ready(name):
-                    await self._triton.refresh()
-                else:
-                    await self._triton.refresh_if_older(1.0)
-            except Unavailable:
-                if not self._triton.models:
-                    raise
-            model = self._triton.models.get(name)
+        model = await self._triton.find_model(name)
         if model is None:
             available = ", ".join(sorted(self._triton.models)) or "none ready"
             raise InvalidInput(f"unknown model {name!r}; available models: {available}", reason="unknown_model")
@@ -83,13 +72,7 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
     async def _classify_one(self, request: recognition_pb2.ClassifyRequest, deadline: float,
                             request_id: str) -> recognition_pb2.ClassifyResponse:
         start = time.perf_counter()
-        size = len(request.image)
-        metrics.REQUEST_BYTES.observe(size)
-        if size == 0:
-            raise InvalidInput("image is empty: send the bytes of a JPEG, PNG, WebP or BMP file", reason="empty")
-        if size > self._config.max_image_bytes:
-            raise InvalidInput(f"image is {size:,} bytes; the limit is {self._config.max_image_bytes:,}",
-                               reason="too_large")
+        check_upload(request.image, self._config.max_image_bytes)
         model = await self._model(request.model)
         top_k = request.top_k or self._config.default_top_k
         if top_k > model.num_classes:

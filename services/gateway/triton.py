@@ -208,6 +208,23 @@ class TritonBackend:
         except InferenceServerException:
             return False
 
+    async def find_model(self, name: str) -> Model | None:
+        """The public model ``name``, re-reading the list when it is not known yet (None when Triton has none)."""
+        model = self._models.get(name)
+        if model is None:
+            # A model published a moment ago: when Triton says it is ready, re-read the models now;
+            # otherwise look again at most once a second (unknown names must not hammer Triton).
+            try:
+                if await self.model_ready(name):
+                    await self.refresh()
+                else:
+                    await self.refresh_if_older(1.0)
+            except Unavailable:
+                if not self._models:
+                    raise
+            model = self._models.get(name)
+        return model
+
     async def ready_versions(self, name: str, timeout_s: float = 5.0) -> list[str]:
         """The versions of any model (public or not) that Triton has READY, oldest first."""
         try:

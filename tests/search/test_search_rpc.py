@@ -18,6 +18,7 @@ from shopvision.v1 import recognition_pb2_grpc
 
 from devstack.stack import Stack
 from tests.conftest import photo_bytes
+from tests.metrics_util import scrape, value
 from tests.search.gateways import CATALOG_SIZE, PrivateGateway
 from tools import index_catalog
 from tools.catalog import CatalogItem
@@ -338,3 +339,18 @@ def test_index_catalog_reports_failed_items(search_gateway: PrivateGateway, sear
     top = search(search_stub, photo_bytes("coffee.png"), k=1, category="mugs")[0]
     assert top.product_id == "mugs/good" and top.score > 0.99
     search_stub.DeleteProduct(pb.DeleteProductRequest(product_id="mugs/good", catalog=CATALOG), timeout=10)
+
+
+def test_each_catalog_call_counts_its_upload_once(search_gateway: PrivateGateway, search_stub) -> None:  # type: ignore[no-untyped-def]
+    port = search_gateway.stack.ports.gateway_metrics
+
+    def uploads() -> float:
+        return value(scrape(port), "shopvision_gateway_image_bytes_count")
+
+    before = uploads()
+    search(search_stub, photo_bytes("coffee.png"), k=1)
+    assert uploads() - before == 1
+    search_stub.IndexProduct(pb.IndexProductRequest(product_id="counted-once", image=photo_bytes("coffee.png"),
+                                                    catalog=CATALOG), timeout=30)
+    search_stub.DeleteProduct(pb.DeleteProductRequest(product_id="counted-once", catalog=CATALOG), timeout=10)
+    assert uploads() - before == 2

@@ -41,6 +41,7 @@ from services.gateway.catalog.store import (
 )
 from services.gateway.preprocess_client import PreprocessClient
 from services.gateway.triton import Model, TritonBackend
+from services.gateway.uploads import check_upload
 
 LOG = logging.getLogger(__name__)
 
@@ -159,32 +160,20 @@ def validate_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
 class Embedder:
     """Photo → L2-normalised embedding of a model version, through the preprocess service and Triton."""
 
-    def __init__(self, preprocess: PreprocessClient, triton: TritonBackend, max_image_bytes: int) -> None:
+    def __init__(self, preprocess: PreprocessClient, triton: TritonBackend) -> None:
         self._preprocess = preprocess
         self._triton = triton
-        self._max_image_bytes = max_image_bytes
 
     async def model(self, name: str) -> Model:
-        model = self._triton.models.get(name)
-        if model is None:
-            await self._triton.refresh_if_older(1.0)
-            model = self._triton.models.get(name)
+        model = await self._triton.find_model(name)
         if model is None:
             available = ", ".join(sorted(self._triton.models)) or "none ready"
             raise InvalidInput(f"unknown embedding model {name!r}; available models: {available}",
                                reason="unknown_model")
         return model
 
-    def check_image(self, image: bytes) -> None:
-        size = len(image)
-        metrics.REQUEST_BYTES.observe(size)
-        if size == 0:
-            raise InvalidInput("image is empty: send the bytes of a JPEG, PNG, WebP or BMP file", reason="empty")
-        if size > self._max_image_bytes:
-            raise InvalidInput(f"image is {size:,} bytes; the limit is {self._max_image_bytes:,}", reason="too_large")
-
     async def pixels(self, model: Model, image: bytes, deadline: float, request_id: str) -> np.ndarray:
-        self.check_image(image)
+        """The photo through the preprocess service with the model's recipe (callers check the upload first)."""
         hop = time.perf_counter()
         pixels, _ = await self._preprocess.preprocess(image, model.spec, remaining_seconds(deadline), request_id)
         metrics.HOP_SECONDS.labels("preprocess").observe(time.perf_counter() - hop)
@@ -199,12 +188,6 @@ class Embedder:
             raise Unavailable(f"Triton answered with {model.name} version {embedding.model_version}, "
                               f"not the catalog's version {version}", reason="version_mismatch")
         return Embedded(l2_normalise(embedding.vector), embedding.label, embedding.model_version)
-
-    async def embed(self, model_name: str, image: bytes, version: str, deadline: float,
-                    request_id: str) -> Embedded:
-        model = await self.model(model_name)
-        pixels = await self.pixels(model, image, deadline, request_id)
-        return await self.embed_pixels(model, pixels, version, deadline, request_id)
 
 
 class CatalogService:
@@ -301,7 +284,7 @@ class CatalogService:
         product_id = validate_product_id(item.product_id)
         metadata = validate_metadata(item.metadata or {})
         attributes = normalise_attributes(item.attributes, self.settings.limits)
-        self.embedder.check_image(item.image)
+        check_upload(item.image, self.settings.max_image_bytes)
         catalog = await self._catalog_for_write(item.catalog, item.model)
         model = await self.embedder.model(catalog.model)
         ready = _Prepared(item, product_id, metadata, attributes, catalog, model,
@@ -364,7 +347,7 @@ class CatalogService:
         if k > self.settings.max_k:
             raise InvalidInput(f"k={k}; the limit is {self.settings.max_k}", reason="bad_k")
         where = parse_filter(filter_text, self.settings.limits)
-        self.embedder.check_image(image)
+        check_upload(image, self.settings.max_image_bytes)
         row = await self._existing(catalog)
         model = await self.embedder.model(row.model)
         pixels = await self.embedder.pixels(model, image, deadline, request_id)

@@ -217,14 +217,6 @@ class CatalogStore:
     def connection(self):  # type: ignore[no-untyped-def]
         return self.pool.connection(timeout=5.0)
 
-    async def ping(self) -> bool:
-        try:
-            async with self.connection() as conn:
-                await conn.execute("SELECT 1")
-        except (psycopg.Error, PoolTimeout):
-            return False
-        return True
-
     # -- catalogs ------------------------------------------------------------------------------------------------
     async def get_catalog(self, name: str, counts: bool = False) -> CatalogRow | None:
         async with self.connection() as conn:
@@ -242,13 +234,14 @@ class CatalogStore:
         return catalog
 
     async def _with_counts(self, conn: psycopg.AsyncConnection, catalog: CatalogRow) -> CatalogRow:
+        # The re-embedding progress is counted only while one runs (the count walks the catalog's vectors).
         cursor = await conn.execute(
             "SELECT coalesce((SELECT products FROM catalog_counts WHERE catalog_id = %(id)s), 0),"
-            "       (SELECT count(*) FROM embeddings WHERE catalog_id = %(id)s AND model_version = %(v)s)",
+            "       CASE WHEN %(v)s = '' THEN 0 ELSE (SELECT count(*) FROM embeddings"
+            "            WHERE catalog_id = %(id)s AND model_version = %(v)s) END",
             {"id": catalog.catalog_id, "v": catalog.reembed_version})
         products, reembedded = await cursor.fetchone()  # type: ignore[misc]
-        return dataclasses.replace(catalog, product_count=products,
-                                   reembedded_count=reembedded if catalog.reembed_version else 0)
+        return dataclasses.replace(catalog, product_count=products, reembedded_count=reembedded)
 
     async def list_catalogs(self) -> list[CatalogRow]:
         async with self.connection() as conn:
