@@ -2,9 +2,10 @@
 
 Each public model's latest version folder in the model repository holds what `training.evaluate`, `training.quantize`
 and `training.compare` wrote: `classify_eval.json` (measured through the real `Classify` call), `eval.json`
-(in-process), `quantization.json` and, for a fused model, `fusion.json`. This command renders them into the blocks
-between `<!-- docs-numbers:NAME:begin -->` and `<!-- docs-numbers:NAME:end -->` of each document, so no figure in
-those blocks is typed by hand:
+(in-process), `quantization.json` and, for a fused model, `fusion.json`; `run.json` (training: command, machine,
+wall time) and, for a version `training.recipes` rebuilt, `chain.json` (each stage's wall time). This command
+renders them into the blocks between `<!-- docs-numbers:NAME:begin -->` and `<!-- docs-numbers:NAME:end -->` of
+each document, so no figure in those blocks is typed by hand:
 
     python -m tools.docs_numbers            # rewrite the blocks (make docs)
     python -m tools.docs_numbers --check    # exit 1 naming each block that is out of date (the unit test does this)
@@ -208,11 +209,80 @@ def models_served(models: Sequence[ModelNumbers]) -> str:
     return "\n".join(lines)
 
 
-Renderer = Callable[[Sequence[ModelNumbers]], str]
-# document (relative to the repository root) -> block name -> renderer
+def _seconds(value: float) -> str:
+    return f"{count(round(value))} s" + (f" ({value / 3600:.1f} h)" if value >= 3600 else "")
+
+
+def _training_line(run: dict[str, Any]) -> str:
+    history = run.get("history", [])
+    speeds = [h["images_per_s"] for h in history if h.get("images_per_s")]
+    machine = run.get("machine", {})
+    where = machine.get("gpu") or f"{machine.get('processor', '?')}, {machine.get('cpus', '?')} CPUs"
+    line = (f"- last training run: `{run['command']}`: {len(history)} epochs of {count(run.get('train_images', 0))} "
+            f"images, {_seconds(float(run['wall_s']))} on {where} (torch {machine.get('torch', '?')})")
+    if speeds:
+        line += f", {min(speeds):.0f}-{max(speeds):.0f} training img/s"
+    return line
+
+
+def _made_lines(repository: Path, model: ModelNumbers) -> list[str]:
+    """How one served version was made, from its run.json / fusion.json / chain.json."""
+    folder = repository / model.name / model.version
+    run, fusion, chain = (_read_json(folder / name) for name in ("run.json", "fusion.json", "chain.json"))
+    if run is None and fusion is None:
+        return []
+    lines = [f"**`{model.name}` v{model.version}**", ""]
+    if run is not None:
+        meta = run["meta"]
+        lines.append(f"- {meta['arch']}: {count(int(meta['params']))} parameters, "
+                     f"{meta['macs'] / 1e6:.1f} M multiply-accumulates per image")
+        lines.append(_training_line(run))
+        average = run.get("average")
+        if average:
+            members = ", ".join(f"`{m['checkpoint']}` {percent(m['val_top1'])}" for m in average["members"])
+            lines.append(f"- weights averaged: `{average['command']}` over {members} (validation top-1); "
+                         f"average {percent(average['val_top1'])}, {_seconds(float(average['wall_s']))}")
+        export = run.get("export")
+        if export:
+            lines.append(f"- exported: `{export['command']}`" + (" (test-time flip averaging in the graph)"
+                                                                 if export.get("flip_tta") else ""))
+    if fusion is not None:
+        lines += [f"- {fusion['markdown'][0]}", "", *(line for line in fusion["markdown"][1:] if line), ""]
+    if chain is not None:
+        stages = ", ".join(f"{s['name']} {_seconds(float(s['wall_s'] or 0))}" for s in chain["stages"])
+        lines.append(f"- rebuilt by `{chain['command']}` on {chain['machine']['cpu']} "
+                     f"({chain['machine']['cores']} cores), {chain['date']}: {_seconds(float(chain['wall_s']))} "
+                     f"in all ({stages})")
+    else:
+        lines.append("- the whole chain has not been timed as one run (no `chain.json` in the version folder)")
+    return [*lines, ""]
+
+
+def models_made(models: Sequence[ModelNumbers], repository: Path) -> str:
+    lines = [line for m in models for line in _made_lines(repository, m)]
+    lines.append("Written by `make docs` from each served version's `run.json`, `fusion.json` and `chain.json`.")
+    return "\n".join(lines)
+
+
+def recipe_comparison(models: Sequence[ModelNumbers], repository: Path) -> str:
+    lines = ["| model | crop | background | catalog-style top-1 (photos) | served |",
+             "| --- | --- | --- | ---: | --- |"]
+    for m in models:
+        evaluation = _read_json(repository / m.name / m.version / "eval.json") or {}
+        for row in sorted(evaluation.get("recipes", []), key=lambda r: -r["catalog_top1"]):
+            served = "yes" if row["served"] else ""
+            lines.append(f"| `{m.name}` v{m.version} | `{row['crop']}` | `{row['background']}` "
+                         f"| {percent(row['catalog_top1'])} ({count(row['photos'])}) | {served} |")
+    lines += ["", "Written by `make docs` from `eval.json` (`training.evaluate --compare-recipes`)."]
+    return "\n".join(lines)
+
+
+Renderer = Callable[[Sequence[ModelNumbers], Path], str]
+# document (relative to the repository root) -> block name -> renderer (models, repository)
 BLOCKS: dict[str, dict[str, Renderer]] = {
-    "README.md": {"models": readme_models},
-    "docs/MODELS.md": {"served": models_served},
+    "README.md": {"models": lambda models, _: readme_models(models)},
+    "docs/MODELS.md": {"served": lambda models, _: models_served(models), "made": models_made,
+                       "recipes": recipe_comparison},
 }
 
 
@@ -235,9 +305,9 @@ def outside_blocks(text: str) -> str:
     return re.sub(r"<!-- docs-numbers:(\w+):begin -->.*?<!-- docs-numbers:\1:end -->", "", text, flags=re.S)
 
 
-def render(document: str, text: str, models: Sequence[ModelNumbers]) -> str:
+def render(document: str, text: str, models: Sequence[ModelNumbers], repository: Path) -> str:
     for name, renderer in BLOCKS[document].items():
-        text = replace_block(text, name, renderer(models))
+        text = replace_block(text, name, renderer(models, repository))
     return text
 
 
@@ -252,10 +322,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    models = read_models(args.repository or args.root / "model_repository")
+    repository = args.repository or args.root / "model_repository"
+    models = read_models(repository)
     texts = {document: (args.root / document).read_text() for document in BLOCKS}
     # Render every document before writing any, so a missing marker changes nothing.
-    wanted = {document: render(document, text, models) for document, text in texts.items()}
+    wanted = {document: render(document, text, models, repository) for document, text in texts.items()}
     stale = [document for document in BLOCKS if wanted[document] != texts[document]]
     if not args.check:
         for document in stale:

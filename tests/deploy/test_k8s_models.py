@@ -147,6 +147,7 @@ def test_init_container_environment_is_what_the_script_reads(overlay: str) -> No
     assert init["command"] == ["/bin/sh", "/scripts/fetch-models.sh"]
 
 
+@pytest.mark.slow  # starts Triton on the fetched repository (~12 s)
 def test_triton_serves_the_fetched_repository_with_an_overlay_config(tmp_path: Path, bucket: Path) -> None:
     """The real Triton (2.51, the NGC release's) loads what the init container leaves in /models, the
     models the Deployment names, and takes <model>/configs/<name>.pbtxt with --model-config-name."""

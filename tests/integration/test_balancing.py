@@ -399,6 +399,7 @@ def test_a_renewal_lets_calls_in_flight_finish() -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.slow  # starts and kills a second Triton under load (~25 s)
 def test_a_triton_added_at_run_time_gets_calls_and_losing_it_costs_none(stack: Stack, fleet: Fleet, dns: LocalDns,
                                                                        tmp_path: Path) -> None:
     model = "efficientnet_lite0_imagenet"  # the gateway's default model

@@ -161,6 +161,7 @@ def classify_label(address: str) -> str:
     return reply.predictions[0].label
 
 
+@pytest.mark.slow  # `make run` end to end, three services killed and restarted (~25 s)
 def test_make_run_restarts_crashed_services(tmp_path: Path) -> None:
     with make_run(tmp_path, "--no-smoke") as (launcher, ports, log):
         probe = Stack(ports=ports)
@@ -186,6 +187,7 @@ def test_make_run_restarts_crashed_services(tmp_path: Path) -> None:
         assert launcher.poll() is None
 
 
+@pytest.mark.slow  # `make run` end to end with crashes during start-up (~25 s)
 def test_make_run_survives_crashes_during_start_up_and_its_smoke_check(tmp_path: Path) -> None:
     """PostgreSQL killed as soon as it is started, Triton as soon as the gateway reports SERVING (so while
     the launcher runs its smoke check): the launcher restarts both, its smoke check succeeds, it serves."""

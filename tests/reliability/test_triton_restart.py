@@ -40,6 +40,7 @@ def reusable_stack(tmp_path: Path):
     stack.stop()
 
 
+@pytest.mark.slow  # two Tritons restarted in turn under load (~45 s with start and stop)
 def test_rolling_triton_restart_under_load_loses_no_accepted_call(reusable_stack: Stack, tmp_path: Path) -> None:
     stack = reusable_stack
     env = stack.env()

@@ -122,6 +122,7 @@ async def fill_and_search(url: str) -> dict[str, object]:
         await store.close()
 
 
+@pytest.mark.slow  # fills a catalog and compares HNSW with exact search (~15 s)
 def test_filtered_ann_search_matches_exact_search_with_the_same_filter(postgres: LocalPostgres) -> None:
     result = asyncio.run(fill_and_search(fresh_database(postgres, "recall")))
     print(f"recall@10 of filtered HNSW search against exact search, {PRODUCTS} products: {result['recall']:.4f}")

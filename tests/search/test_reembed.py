@@ -93,6 +93,7 @@ def embedding(stack: Stack, item: CatalogItem, version: str) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
+@pytest.mark.slow  # a catalog re-embedded under load by a second model version (~25 s)
 def test_reembed_moves_the_catalog_under_load_without_mixing_versions(two_versions: Stack, tmp_path: Path) -> None:
     stack = two_versions
     catalog = read_catalog(f"fashion-mnist:train:{SIZE}")

@@ -53,6 +53,7 @@ def answers(finetuned_search: str, queries: list[CatalogItem]) -> list[list[reco
     return search_gateway(finetuned_search, queries, 10, catalog=CATALOG_NAME)
 
 
+@pytest.mark.slow  # indexes a catalog through the fine-tuned model first (~25 s)
 def test_finetuned_embedding_precision_at_10_same_category(queries: list[CatalogItem],
                                                            answers: list[list[recognition_pb2.Match]]) -> None:
     precision = same_category_precision(queries, answers, 10)  # raises unless every answer holds 10 matches
@@ -60,6 +61,7 @@ def test_finetuned_embedding_precision_at_10_same_category(queries: list[Catalog
     assert precision >= PRECISION_FLOOR, precision
 
 
+@pytest.mark.slow  # exact search over the same catalog (~10 s)
 def test_gateway_ann_recall_at_10_against_exact_search_on_the_served_embeddings(
         queries: list[CatalogItem], answers: list[list[recognition_pb2.Match]]) -> None:
     """The gateway's answers (PostgreSQL's HNSW index) against exact search over the same embeddings, computed here

@@ -144,3 +144,67 @@ def test_the_served_softmax_copies_agree_with_trainings() -> None:
     np.testing.assert_allclose(combine.softmax(logits), softmax(logits), rtol=1e-6, atol=1e-7)
     assert np.isfinite(softmax(logits)).all()
     np.testing.assert_allclose(softmax(logits).sum(axis=-1), 1.0, rtol=1e-5)
+
+
+class _FakeTensor:
+    """What Triton's stub hands a Python model (``name()``, ``as_numpy()``) and what ``pb_utils.Tensor`` builds."""
+
+    def __init__(self, name: str, array: np.ndarray) -> None:
+        self._name, self._array = name, array
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._array
+
+
+class _FakeRequest:
+    def __init__(self, **inputs: np.ndarray) -> None:
+        self._inputs = [_FakeTensor(name, array) for name, array in inputs.items()]
+
+    def inputs(self) -> list[_FakeTensor]:
+        return self._inputs
+
+
+class _FakeResponse:
+    def __init__(self, output_tensors: list[_FakeTensor]) -> None:
+        self.outputs = {t.name(): t.as_numpy() for t in output_tensors}
+
+
+def test_the_served_softmax_step_executes_trainings_softmax(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``postprocess_softmax``'s ``execute``, the last step of every single-model ensemble, answers each request
+    with training's softmax of its logits: float32, finite for logits of 1000 (no overflow), rows summing to 1.
+    ``Tensor`` and ``InferenceResponse`` exist only inside Triton's stub; stand-ins record what it returns."""
+    served = _triton_model_module(REPOSITORY / "postprocess_softmax" / "1" / "model.py")
+    monkeypatch.setattr(served.pb_utils, "Tensor", _FakeTensor, raising=False)
+    monkeypatch.setattr(served.pb_utils, "InferenceResponse", _FakeResponse, raising=False)
+    rng = np.random.default_rng(1)
+    batches = [rng.normal(0, 30, (n, 10)).astype(np.float32) for n in (1, 5, 64)]
+    batches[1][2] = 1000.0
+    batches[2][0, 3] = -1000.0
+    responses = served.TritonPythonModel().execute([_FakeRequest(logits=b) for b in batches])
+    assert len(responses) == len(batches)
+    for response, logits in zip(responses, batches, strict=True):
+        probabilities = response.outputs["probabilities"]
+        assert probabilities.dtype == np.float32 and np.isfinite(probabilities).all()
+        np.testing.assert_allclose(probabilities, softmax(logits), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(served.softmax(batches[1]), softmax(batches[1]), rtol=1e-6, atol=1e-7)
+
+
+def test_the_fused_combine_step_executes_the_weighted_mean_of_trainings_softmax(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    combine = _triton_model_module(COMBINE_SOURCE)
+    monkeypatch.setattr(combine.pb_utils, "Tensor", _FakeTensor, raising=False)
+    monkeypatch.setattr(combine.pb_utils, "InferenceResponse", _FakeResponse, raising=False)
+    model = combine.TritonPythonModel()
+    model.initialize({"model_config": json.dumps({
+        "input": [{"name": "logits_0"}, {"name": "logits_1"}],
+        "parameters": {"weights": {"string_value": "0.75,0.25"}}})})
+    rng = np.random.default_rng(2)
+    first, second = (rng.normal(0, 30, (4, 10)).astype(np.float32) for _ in range(2))
+    first[0] = 1000.0
+    (response,) = model.execute([_FakeRequest(logits_0=first, logits_1=second)])
+    np.testing.assert_allclose(response.outputs["probabilities"], 0.75 * softmax(first) + 0.25 * softmax(second),
+                               rtol=1e-6, atol=1e-7)

@@ -140,6 +140,7 @@ def _weight_peaks(int8_path: Path) -> dict[str, tuple[bool, int]]:
     return peaks
 
 
+@pytest.mark.slow  # quantizes the EfficientNet smoke run and scans its GEMMs (~13 s)
 def test_quantize_reduced_range_gives_8_bits_only_where_vpmaddubsw_cannot_saturate(
         tmp_path: Path, smoke_runs: dict[str, Path]) -> None:
     """7-bit weights where VPMADDUBSW could saturate; 8-bit depthwise weights (ONNX Runtime computes them without

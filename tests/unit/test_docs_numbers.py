@@ -6,6 +6,7 @@ A figure changed in a card file, or typed into a block by hand, fails here until
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def rewrite_json(path: Path, change: dict[str, dict[str, float]]) -> None:
 @pytest.mark.parametrize("document", sorted(docs_numbers.BLOCKS))
 def test_the_blocks_are_up_to_date_with_the_model_repository(document: str) -> None:
     text = (ROOT / document).read_text()
-    assert docs_numbers.render(document, text, docs_numbers.read_models(REPOSITORY)) == text, (
+    assert docs_numbers.render(document, text, docs_numbers.read_models(REPOSITORY), REPOSITORY) == text, (
         f"{document} is out of date with model_repository/: run make docs"
     )
 
@@ -107,3 +108,36 @@ def test_readme_prose_does_not_restate_the_card_figures() -> None:
             if score is not None:
                 figure = f"{100 * score.top1:.2f}"
                 assert figure not in prose, f"README.md restates {model.name}'s {figure} % outside the block"
+
+
+MEASUREMENT = re.compile(r"\d[\d.,  ]*\s?(?:%|ms\b|img/s|MB\b|M MACs|pt\b|h\b|min\b)")
+
+
+def test_models_prose_states_no_measurement_outside_the_generated_blocks() -> None:
+    """docs/MODELS.md: accuracies, latencies, speeds, sizes and durations only inside blocks `make docs` writes."""
+    prose = docs_numbers.outside_blocks((ROOT / "docs/MODELS.md").read_text())
+    found = [match.group(0) for match in MEASUREMENT.finditer(prose)]
+    assert found == [], f"docs/MODELS.md states measurements by hand outside the generated blocks: {found}"
+
+
+def test_the_made_block_shows_how_the_served_versions_were_trained() -> None:
+    """From run.json: the exact training command and its wall time; from chain.json, once a recipe rebuilt it."""
+    models = docs_numbers.read_models(REPOSITORY)
+    block = docs_numbers.models_made(models, REPOSITORY)
+    effnet = next(m for m in models if m.name == "fashion_effnet")
+    run = json.loads((REPOSITORY / "fashion_effnet" / effnet.version / "run.json").read_text())
+    assert run["command"] in block and run["average"]["command"] in block and run["export"]["command"] in block
+    assert f"{round(run['wall_s']):,} s".replace(",", " ") in block
+
+
+def test_a_chain_json_in_the_version_folder_puts_the_rebuild_time_in_the_docs(tmp_path: Path) -> None:
+    repository = card_copy(tmp_path)
+    models = docs_numbers.read_models(repository)
+    cnn = next(m for m in models if m.name == "fashion_cnn")
+    (repository / "fashion_cnn" / cnn.version / "chain.json").write_text(json.dumps({
+        "command": "python -m training.recipes fashion_cnn", "date": "2026-12-02T00:00:00+00:00", "wall_s": 4321.0,
+        "machine": {"cpu": "Some CPU", "cores": 2},
+        "stages": [{"name": "train", "wall_s": 4000.0}, {"name": "publish", "wall_s": 321.0}]}))
+    block = docs_numbers.models_made(models, repository)
+    assert "python -m training.recipes fashion_cnn` on Some CPU (2 cores)" in block
+    assert "4 321 s (1.2 h) in all (train 4 000 s (1.1 h), publish 321 s)" in block
