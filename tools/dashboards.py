@@ -12,7 +12,9 @@ prometheus-operator monitors and ``devstack/prometheus_local.py`` put on every t
 matter, a multi-value ``model`` variable. Scrape jobs are named ``gateway``, ``preprocess`` and ``triton``.
 
 Panels whose description starts with :data:`GPU_ONLY` query only Triton's GPU metrics, which a
-CPU-only Triton does not export; the live-Prometheus test skips their data check, and says so.
+CPU-only Triton does not export; the live-Prometheus test skips their data check, and says so. Panels whose
+description starts with :data:`ROLLOUT_ONLY` query only :data:`ROLLOUT_ONLY_METRICS`, which have data only
+while a candidate runs as canary or shadow.
 """
 from __future__ import annotations
 
@@ -28,6 +30,10 @@ OUT_DIR = REPO_ROOT / "deploy" / "k8s" / "components" / "monitoring" / "dashboar
 SCHEMA_VERSION = 39  # Grafana 10.4 / 11.x; older Grafana migrates down-level panels itself
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 GPU_ONLY = "GPU only:"
+ROLLOUT_ONLY = "During a rollout only:"
+# The gateway's comparisons of a candidate's answers with the serving version's (services/gateway/metrics.py):
+# no data unless a candidate runs as canary or shadow.
+ROLLOUT_ONLY_METRICS = ("shopvision_gateway_shadow_agreement_total", "shopvision_gateway_shadow_dropped_total")
 # Triton's per-GPU metrics (docs: user-guide/metrics.md, "GPU Metrics"); absent without a GPU.
 TRITON_GPU_METRICS = ("nv_gpu_utilization", "nv_gpu_memory_total_bytes", "nv_gpu_memory_used_bytes",
                       "nv_gpu_power_usage", "nv_gpu_power_limit", "nv_energy_consumption")
@@ -39,6 +45,9 @@ API = f'{NS}, method!~"Check|ClassifyBatchItem"'
 # Status codes that spend the error budget: the service failed, not the caller.
 SERVER_ERRORS = "UNKNOWN|INTERNAL|UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|DATA_LOSS|UNIMPLEMENTED"
 MODEL = f'{NS}, model=~"$model"'
+# The model lifecycle, as the gateway counts it: per public model, its versions and their rollout role.
+BY_ROLE = "model, version, role"
+ROLE_LEGEND = "{{model}} v{{version}} {{role}}"
 
 
 @dataclass(frozen=True)
@@ -90,11 +99,32 @@ def quantiles(metric: str, selector: str, by: str = "", label: str = "") -> tupl
         for q, p in ((0.5, 50), (0.95, 95), (0.99, 99)))
 
 
+def share(part: str, whole: str) -> str:
+    """``part / whole``, 0 (not "no data") where ``whole`` has series and ``part`` none; same grouping on both."""
+    return f"({part} or {whole} * 0) / {whole}"
+
+
 def error_ratio(codes: str) -> str:
     """Share of API calls that ended with one of ``codes``; 0 (not "no data") when none did."""
     total = f"sum(rate(shopvision_gateway_requests_total{{{API}}}{RATE}))"
     matching = f'sum(rate(shopvision_gateway_requests_total{{{API}, code=~"{codes}"}}{RATE}))'
-    return f"({matching} or {total} * 0) / {total}"
+    return share(matching, total)
+
+
+def rate_by(by: str, metric: str, selector: str = MODEL) -> str:
+    return f"sum by ({by}) (rate({metric}{{{selector}}}{RATE}))"
+
+
+def share_of_label(label: str, by: str, metric: str, top: int | None = None) -> str:
+    """Each ``label`` value's share of ``metric`` within its ``by`` group; the ``top`` largest per group."""
+    expr = f"{rate_by(f'{by}, {label}', metric)} / ignoring ({label}) group_left {rate_by(by, metric)}"
+    return f"topk by ({by}) ({top}, {expr})" if top else expr
+
+
+def quantiles_by(metric: str, by: str, legend: str, levels: tuple[float, ...]) -> tuple[tuple[str, str], ...]:
+    """Quantiles of a histogram per ``by`` (several labels), with ``legend`` after each quantile's name."""
+    return tuple((f"histogram_quantile({q}, {rate_by(f'{by}, le', metric + '_bucket')})", f"p{round(q * 100)} {legend}")
+                 for q in levels)
 
 
 def per_request(metric_us: str, by: str = "model") -> str:
@@ -171,10 +201,76 @@ OVERVIEW = Dashboard(
     ),
 )
 
+# Rollouts (serving, canary, shadow), drift from the validation reference, and feedback, as the gateway sees
+# them; the alerts on them are in deploy/k8s/components/monitoring/rules/lifecycle.rules.yml. `model` here is
+# the public model (a Triton ensemble, so the Triton dashboard's model variable lists it).
+LIFECYCLE = Row("Model lifecycle", (
+    panel("Requests by version and role",
+          (rate_by(BY_ROLE, "shopvision_gateway_rollout_requests_total"), ROLE_LEGEND), unit="reqps", width=8,
+          description="Calls each version answers: serving, canary (answers a share of the callers) or shadow "
+                      "(gets a copy of serving's calls; its answer is compared, never returned)."),
+    panel("Error ratio by version and role",
+          (share(rate_by(BY_ROLE, "shopvision_gateway_rollout_errors_total"),
+                 rate_by(BY_ROLE, "shopvision_gateway_rollout_requests_total")), ROLE_LEGEND),
+          unit="percentunit", width=8, decimals=2,
+          description="A failed canary call falls back to the serving version. ShopvisionCandidateWorse: a canary "
+                      "or shadow 2 points above serving for 10 minutes, at 1 call/s or more."),
+    panel("p99 inference time by version and role",
+          (f"histogram_quantile(0.99, "
+           f"{rate_by(f'{BY_ROLE}, le', 'shopvision_gateway_rollout_request_duration_seconds_bucket')})",
+           ROLE_LEGEND), unit="s", width=8,
+          description="Triton's part of each call. ShopvisionCandidateWorse: a canary or shadow above 1.5 x "
+                      "serving's p99 (and 25 ms more) for 10 minutes."),
+    panel("Candidate agreement with serving",
+          (share(rate_by("model", "shopvision_gateway_shadow_agreement_total", f'{MODEL}, agree="true"'),
+                 rate_by("model", "shopvision_gateway_shadow_agreement_total")), "{{model}}"),
+          unit="percentunit", width=8, decimals=1,
+          description=f"{ROLLOUT_ONLY} share of the compared calls (shadow copies, canary answers) on which the "
+                      "candidate's top-1 label is serving's. ShopvisionCandidateDisagreement: below 50 % for "
+                      "15 minutes."),
+    panel("Comparisons dropped", (rate_by("model", "shopvision_gateway_shadow_dropped_total"), "{{model}}"),
+          unit="reqps", width=8,
+          description=f"{ROLLOUT_ONLY} comparison calls not made because GATEWAY_SHADOW_MAX_IN_FLIGHT were in "
+                      "flight: the agreement leaves them out."),
+    panel("Feedback", (rate_by("model, outcome", "shopvision_gateway_feedback_total"), "{{model}} {{outcome}}"),
+          unit="reqps", width=8, stacked=True,
+          description="SubmitFeedback calls committed: stored, or a duplicate of feedback already stored."),
+    panel("Drift (PSI against the validation reference)",
+          (f"max by (model, version, signal) (shopvision_gateway_drift_psi{{{MODEL}}})",
+           "{{model}} v{{version}} {{signal}}"), unit="short", decimals=2,
+          description="Population stability index of the last window of predictions (class shares, top-1 score) "
+                      "against the version's validation split: under 0.1 no change, 0.1 to 0.25 moderate, above "
+                      "0.25 significant (ShopvisionModelDrift after 15 minutes). Highest replica."),
+    panel("Drift window samples",
+          (f"min by (model, version) (shopvision_gateway_drift_window_samples{{{MODEL}}})", "{{model}} v{{version}}"),
+          unit="short",
+          description="Predictions in the smallest replica's window. Under 500, a window's PSI is mostly noise "
+                      "and does not alert."),
+    panel("Top-1 score",
+          *quantiles_by("shopvision_gateway_top1_score", "model, version", "{{model}} v{{version}}", (0.1, 0.5)),
+          unit="percentunit", width=8,
+          description="Score of the answer given, low tail and median: falling scores are the first sign of "
+                      "inputs unlike the training data."),
+    panel("Predicted labels (top 5 per version)",
+          (share_of_label("label", "model, version", "shopvision_gateway_predictions_total", top=5),
+           "{{model}} v{{version}} {{label}}"), unit="percentunit", width=8,
+          description="Share of the answers each top-1 label takes; the class PSI compares all of them with "
+                      "the validation split."),
+    panel("Input brightness",
+          (share_of_label("bucket", "model", "shopvision_gateway_input_brightness_total"), "{{model}} {{bucket}}"),
+          unit="percentunit", width=8, stacked=True, description="Share of the images in each brightness bucket."),
+    panel("Input size", *quantiles_by("shopvision_gateway_input_megapixels", "model", "{{model}}", (0.5, 0.95)),
+          unit="short", decimals=1, description="Megapixels of the decoded images."),
+    panel("Input aspect ratio",
+          *quantiles_by("shopvision_gateway_input_aspect_ratio", "model", "{{model}}", (0.05, 0.5, 0.95)),
+          unit="short", decimals=2, description="Width / height of the decoded images."),
+))
+
 TRITON = Dashboard(
     uid="shopvision-triton",
     title="shopvision / Triton models",
-    description="Triton Inference Server per model and version: rate, dynamic batching, queue vs compute, failures.",
+    description="Triton Inference Server per model and version: rate, dynamic batching, queue vs compute, failures; "
+                "the model lifecycle (rollouts, drift, feedback) as the gateway sees it.",
     with_model=True,
     rows=(
         Row("Throughput", (
@@ -215,6 +311,7 @@ TRITON = Dashboard(
                    f"(rate(nv_inference_request_failure{{{MODEL}}}{RATE})) + sum by (model) "
                    f"(rate(nv_inference_request_success{{{MODEL}}}{RATE})))", "{{model}}"), unit="percentunit"),
         )),
+        LIFECYCLE,
     ),
 )
 

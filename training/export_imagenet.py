@@ -3,7 +3,9 @@
     python -m training.export_imagenet [--repository model_repository] [--version 1]
 
 Writes ``<repository>/efficientnet_lite0_imagenet_onnx/<version>/model.onnx`` and the
-1000 ImageNet labels to ``<repository>/efficientnet_lite0_imagenet/labels.txt``.
+1000 ImageNet labels to ``<repository>/efficientnet_lite0_imagenet/labels.txt``, and pins the
+committed ensemble ``efficientnet_lite0_imagenet/config.pbtxt`` (its classifier step and
+``shopvision.members``) to ``<version>``.
 The export is deterministic: the same weights give the same graph.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 from training.nets.imagenet import PooledFeatures, imagenet_labels, load_imagenet_lite0
 from training.nets.wrapper import UInt8NHWCWrapper
 from training.onnx.export import export
-from training.repository.layout import IMAGENET_ENSEMBLE, classifier_name
+from training.repository.layout import IMAGENET_ENSEMBLE, classifier_name, pinned, write_atomic
 
 LOG = logging.getLogger("export_imagenet")
 
@@ -47,6 +49,14 @@ def main(args: argparse.Namespace) -> None:
     labels_path = args.repository / ENSEMBLE / "labels.txt"
     labels_path.parent.mkdir(parents=True, exist_ok=True)
     labels_path.write_text("\n".join(imagenet_labels()) + "\n")
+    config_path = args.repository / ENSEMBLE / "config.pbtxt"
+    if config_path.exists():
+        text = config_path.read_text()
+        updated = pinned(text, {CLASSIFIER: args.version})
+        if updated != text:
+            write_atomic(config_path, updated)
+    else:
+        LOG.warning("%s is missing: the public ensemble is a committed file (git checkout it)", config_path)
     LOG.info("wrote %s and %s", out, labels_path)
 
 

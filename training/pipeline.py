@@ -47,10 +47,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch, OpenCV, ONNX Runtime) "
                                                                  "(default: %(default)s)")
     parser.add_argument("--recipe", type=Path, default=train.DEFAULT_RECIPE, help="(default: %(default)s)")
-    parser.add_argument("--cnn-epochs", type=int, default=15, help="(default: %(default)s)")
-    parser.add_argument("--resnet-epochs", type=int, default=24, help="(default: %(default)s)")
-    parser.add_argument("--effnet-epochs", type=int, default=15, help="(default: %(default)s)")
-    parser.add_argument("--net-size", type=int, default=112, help="EfficientNet input side (default: %(default)s)")
+    parser.add_argument("--cnn-epochs", type=int, default=DEFAULT_EPOCHS["seed_cnn"], help="(default: %(default)s)")
+    parser.add_argument("--resnet-epochs", type=int, default=DEFAULT_EPOCHS["resnet_small"],
+                        help="(default: %(default)s)")
+    parser.add_argument("--effnet-epochs", type=int, default=DEFAULT_EPOCHS["efficientnet_lite0"],
+                        help="(default: %(default)s)")
+    parser.add_argument("--net-size", type=int, default=DEFAULT_NET_SIZE,
+                        help="EfficientNet input side (default: %(default)s)")
     parser.add_argument("--catalog-count", type=int, default=10000,
                         help="catalog-style photos per evaluation (default: %(default)s)")
     parser.add_argument("--smoke", action="store_true",
@@ -95,6 +98,35 @@ def summary(out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The training settings of each architecture (batch, learning rates, schedule), at full and at smoke scale; the
+# epochs are the pipeline's flags. training.retrain trains with the same settings.
+ARCH_FLAGS = {
+    "seed_cnn": ["--batch-size", "128", "--lr", "2e-3"],
+    "resnet_small": ["--batch-size", "128", "--lr", "2e-3", "--aug-erase", "0.5"],
+    "efficientnet_lite0": ["--batch-size", "256", "--lr", "2e-3", "--backbone-lr-scale", "0.5", "--freeze-epochs", "1"],
+}
+SMOKE_ARCH_FLAGS = {
+    "seed_cnn": ["--batch-size", "32"],
+    "resnet_small": ["--batch-size", "32", "--aug-erase", "0.5"],
+    "efficientnet_lite0": ["--batch-size", "32", "--freeze-epochs", "0"],
+}
+DEFAULT_EPOCHS = {"seed_cnn": 15, "resnet_small": 24, "efficientnet_lite0": 15}
+DEFAULT_NET_SIZE = 112
+SMOKE_NET_SIZE = 32
+
+
+def arch_flags(arch: str, smoke: bool, epochs: int = 0, net_size: int = DEFAULT_NET_SIZE) -> list[str]:
+    """training.train's flags for ``arch`` (without ``--arch``): ``epochs`` (0 = the default, 1 at smoke scale)
+    and, for EfficientNet, its input side."""
+    table = SMOKE_ARCH_FLAGS if smoke else ARCH_FLAGS
+    if arch not in table:
+        raise SystemExit(f"no training settings for architecture {arch!r}; choose from {sorted(table)}")
+    flags = ["--epochs", str(epochs or (1 if smoke else DEFAULT_EPOCHS[arch])), *table[arch]]
+    if arch == "efficientnet_lite0":
+        flags = ["--net-size", str(SMOKE_NET_SIZE if smoke else net_size), *flags]
+    return flags
+
+
 def main(args: argparse.Namespace) -> None:
     out: Path = args.output_dir
     stages = {s.strip() for s in args.stages.split(",") if s.strip()}
@@ -103,17 +135,12 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
     common = ["--device", args.device, "--threads", str(args.threads), "--recipe", str(args.recipe)]
     common += ["--amp"] if args.amp else []
-    cnn = ["--arch", "seed_cnn", "--epochs", str(args.cnn_epochs), "--batch-size", "128", "--lr", "2e-3"]
-    resnet = ["--arch", "resnet_small", "--epochs", str(args.resnet_epochs), "--batch-size", "128", "--lr", "2e-3",
-              "--aug-erase", "0.5"]
-    effnet = ["--arch", "efficientnet_lite0", "--net-size", str(args.net_size), "--epochs", str(args.effnet_epochs),
-              "--batch-size", "256", "--lr", "2e-3", "--backbone-lr-scale", "0.5", "--freeze-epochs", "1"]
+    epochs = {"seed_cnn": args.cnn_epochs, "resnet_small": args.resnet_epochs, "efficientnet_lite0": args.effnet_epochs}
+    flags = {arch: ["--arch", arch, *arch_flags(arch, args.smoke, 0 if args.smoke else epochs[arch], args.net_size)]
+             for arch in epochs}
+    cnn, resnet, effnet = flags["seed_cnn"], flags["resnet_small"], flags["efficientnet_lite0"]
     catalog, limit = args.catalog_count, []
     if args.smoke:
-        cnn = ["--arch", "seed_cnn", "--epochs", "1", "--batch-size", "32"]
-        resnet = ["--arch", "resnet_small", "--epochs", "1", "--batch-size", "32", "--aug-erase", "0.5"]
-        effnet = ["--arch", "efficientnet_lite0", "--net-size", "32", "--epochs", "1", "--batch-size", "32",
-                  "--freeze-epochs", "0"]
         limit = ["--limit-train", "300", "--limit-val", "100", "--no-progress"]
         catalog = min(catalog, 50)
     test_limit = ["--limit-test", "300"] if args.smoke else []

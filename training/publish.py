@@ -1,14 +1,23 @@
 """Publish a trained model as the next numbered version and make the running Triton serve it.
 
     python -m training.publish --run-dir runs/fashion_cnn --model fashion_cnn --triton 127.0.0.1:8001
+    python -m training.publish --run-dir runs/fashion_cnn --model fashion_cnn --triton 127.0.0.1:8001 --canary 10
     python -m training.publish --fuse fashion_fused --members fashion_effnet,fashion_cnn --triton 127.0.0.1:8001
 
 Writes, for model ``M`` and next version ``v`` (one above every version of
 ``M`` and ``M_onnx``):
 
 * ``M_onnx/v/model.onnx`` and ``M_onnx/config.pbtxt`` (ONNX classifier);
-* ``M/labels.txt``, ``M/config.pbtxt`` (public ensemble with the recipe) and
-  ``M/v/`` with the model card, ``eval.json``, ``run.json``, ``spec.json`` and plots.
+* ``M/labels.txt``, ``M/config.pbtxt`` (public ensemble with the recipe, its steps
+  pinned to ``M_onnx`` version ``v`` and ``postprocess_softmax`` 1) and ``M/v/`` with
+  the model card, ``eval.json``, ``run.json``, ``spec.json`` and plots.
+
+With ``--canary PERCENT`` or ``--shadow`` the new version does not replace the
+served one: the ensemble files go to the candidate ``M__candidate/`` instead
+(config pinned to ``M_onnx`` ``v`` with ``shopvision.rollout.*`` parameters,
+labels, ``v/`` with the model card) and every gateway sends it PERCENT % of the
+callers (canary) or a copy of the traffic (shadow). ``python -m training.rollout``
+shows how it does, changes the split, promotes it or rolls it back.
 
 Files are written atomically and a new model appears in the repository in one
 rename. With ``--triton`` the classifier and then the ensemble are loaded
@@ -29,7 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
+from services.common import model_params
 from services.common.spec import Spec
+from training.calibrate import NoValidationData, calibrate_model, write_config_parameters
 from training.onnx.export import INPUT_NAME, OUTPUT_NAMES
 from training.onnx.inference import session
 from training.report.runs import load_run
@@ -38,7 +49,8 @@ from training.repository.recipe import read_config, read_spec, spec_from_dict, s
 
 LOG = logging.getLogger("publish")
 CARD_FILES = ("MODEL_CARD.md", "eval.json", "run.json", "classify_eval.json", "quantization.json",
-              "distillation.json", "fusion.json", "curves.png", "confusion_test.png", "confusion_catalog.png")
+              "distillation.json", "fusion.json", "curves.png", "confusion_test.png", "confusion_catalog.png",
+              "confusion_feedback.png")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -65,8 +77,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     fused.add_argument("--weights", default="", help="comma-separated weights (default: equal)")
     fused.add_argument("--report-dir", type=Path, default=None,
                        help="folder whose MODEL_CARD.md / fusion.json go into the fused version")
+    rollout = single.add_mutually_exclusive_group()
+    rollout.add_argument("--canary", type=float, default=None, metavar="PERCENT",
+                         help="publish as a canary answering PERCENT %% of callers (0..100) instead of "
+                              "replacing the served version (default: replace it)")
+    rollout.add_argument("--shadow", action="store_true",
+                         help="publish as a shadow: gets a copy of the traffic, never answers (default: off)")
+    calibration = parser.add_argument_group("confidence thresholds and drift reference (training.calibrate)")
+    calibration.add_argument("--calibrate-limit", type=int, default=0,
+                             help="calibrate on N class-balanced images of the validation split; 0 = all of it "
+                                  "(default: %(default)s)")
+    calibration.add_argument("--no-calibrate", action="store_true",
+                             help="publish without thresholds and reference: `confident` then compares with the "
+                                  "gateway's default threshold and no drift figure is exported (default: calibrate)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for READY (default: %(default)s)")
     return parser
+
+
+def calibrate_version(repository: Path, ensemble: str, version: int, limit: int) -> None:
+    """Thresholds and drift reference of the version just written, into its folder and its ensemble's config,
+    before Triton loads it (so the gateway reads them with the version)."""
+    try:
+        calibration = calibrate_model(repository, ensemble, version, limit)
+    except NoValidationData as error:
+        LOG.warning("%s version %d is published uncalibrated: %s", ensemble, version, error)
+        return
+    write_config_parameters(repository, ensemble, calibration)
 
 
 def onnx_signature(path: Path, spec: Spec) -> tuple[int, int]:
@@ -97,9 +133,22 @@ def _move_in(staged: Path, target: Path) -> None:
     staged.rename(target)
 
 
+def rollout_of_args(args: argparse.Namespace) -> repo.Rollout | None:
+    """The rollout ``--canary`` / ``--shadow`` ask for (None: publish straight to 100 %)."""
+    if args.shadow:
+        return repo.Rollout(args.model, "shadow", 0.0)
+    if args.canary is not None:
+        if not 0.0 <= args.canary <= 100.0:
+            raise SystemExit(f"--canary {args.canary:g}: give a percentage within 0..100")
+        return repo.Rollout(args.model, "canary", args.canary)
+    return None
+
+
 def write_model(repository: Path, model: str, run_dir: Path, model_file: str, version: int = 0,
-                description: str = "", threads: int = 1, instances: int = 1) -> int:
-    """Write ``model`` version ``version`` (0 = next) from a training run; returns the version."""
+                description: str = "", threads: int = 1, instances: int = 1,
+                rollout: repo.Rollout | None = None) -> int:
+    """Write ``model`` version ``version`` (0 = next) from a training run; returns the version. With
+    ``rollout`` the ensemble side goes to the candidate ``<model>__candidate`` instead of ``model``."""
     run = load_run(run_dir)
     meta = run["meta"]
     spec = spec_from_dict(meta["spec"])
@@ -112,8 +161,15 @@ def write_model(repository: Path, model: str, run_dir: Path, model_file: str, ve
     classifier = repo.classifier_name(model)
     description = description or f"{meta['arch']} for {len(classes)} categories, trained on {meta.get('data')}"
     ensemble_dir, classifier_dir = repository / model, repository / classifier
+    candidate_dir = repository / model_params.candidate_name(model)
     if (ensemble_dir / str(version)).exists() or (classifier_dir / str(version)).exists():
         raise SystemExit(f"version {version} of {model} already exists")
+    if candidate_dir.exists():
+        raise SystemExit(f"a rollout of {model} is under way ({candidate_dir}): promote it or roll it back first "
+                         f"(python -m training.rollout promote|rollback --model {model})")
+    if rollout is not None and not (ensemble_dir / "config.pbtxt").exists():
+        raise SystemExit(f"{model} is not published yet: a canary or shadow needs a served version to compare "
+                         "with (publish without --canary / --shadow first)")
     if ensemble_dir.exists():
         served = read_spec(ensemble_dir / "config.pbtxt")
         if served != spec:
@@ -122,7 +178,7 @@ def write_model(repository: Path, model: str, run_dir: Path, model_file: str, ve
     stage = _stage_dir(repository)
     try:
         staged_classifier = stage / classifier
-        staged_ensemble = stage / model
+        staged_ensemble = stage / (model if rollout is None else candidate_dir.name)
         repo.write_atomic(staged_classifier / str(version) / "model.onnx", onnx_path.read_bytes())
         repo.write_atomic(staged_classifier / "config.pbtxt", repo.classifier_config(
             model, spec, num_classes, embedding_dim, description, threads=threads, instances=instances))
@@ -134,10 +190,12 @@ def write_model(repository: Path, model: str, run_dir: Path, model_file: str, ve
              "model_file": model_file, "classes": classes}, indent=2))
         repo.write_atomic(staged_ensemble / "labels.txt", "\n".join(classes) + "\n")
         repo.write_atomic(staged_ensemble / "config.pbtxt", repo.ensemble_config(
-            model, spec, num_classes, embedding_dim, description))
+            model, spec, num_classes, embedding_dim, description, classifier_version=version, rollout=rollout))
         # A new model moves in as whole folders; an existing one gets its version folders first,
         # then labels and configs (each an atomic rename), so Triton never sees a half-written model.
-        for staged, target in ((staged_classifier, classifier_dir), (staged_ensemble, ensemble_dir)):
+        targets = ((staged_classifier, classifier_dir),
+                   (staged_ensemble, ensemble_dir if rollout is None else candidate_dir))
+        for staged, target in targets:
             if not target.exists():
                 _move_in(staged, target)
                 continue
@@ -146,8 +204,20 @@ def write_model(repository: Path, model: str, run_dir: Path, model_file: str, ve
                 repo.write_atomic(target / item.name, item.read_bytes())
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    LOG.info("wrote %s and %s version %d", ensemble_dir, classifier_dir, version)
+    LOG.info("wrote %s and %s version %d", ensemble_dir if rollout is None else candidate_dir, classifier_dir,
+             version)
     return version
+
+
+def pinned_classifier_version(repository: Path, model: str) -> int:
+    """The classifier version published model ``model`` pins (its latest classifier folder when unpinned)."""
+    classifier = repo.classifier_name(model)
+    config = repository / model / "config.pbtxt"
+    pinned = dict(repo.step_members(config.read_text())) if config.exists() else {}
+    version = pinned.get(classifier, -1)
+    if version > 0:
+        return version
+    return int(repo.latest(repository / classifier).name)
 
 
 def write_fused(repository: Path, fused: str, members: list[str], weights: list[float], version: int = 0,
@@ -176,7 +246,8 @@ def write_fused(repository: Path, fused: str, members: list[str], weights: list[
             repo.copy_files([report_dir / name for name in ("MODEL_CARD.md", "fusion.json")], card_dir)
         repo.write_atomic(stage / fused / "labels.txt", labels[0])
         repo.write_atomic(stage / fused / "config.pbtxt", repo.fused_config(
-            fused, members, specs[0], num_classes, embedding_dim, description))
+            fused, members, specs[0], num_classes, embedding_dim, description,
+            member_versions=[pinned_classifier_version(repository, m) for m in members]))
         for name in (f"{fused}{repo.COMBINE_SUFFIX}", fused):
             target = repository / name
             if not target.exists():
@@ -221,15 +292,21 @@ def main(args: argparse.Namespace) -> int:
         members = [m.strip() for m in args.members.split(",") if m.strip()]
         weights = [float(w) for w in args.weights.split(",")] if args.weights else []
         version = write_fused(args.repository, args.fuse, members, weights, args.version, args.report_dir)
+        if not args.no_calibrate:
+            calibrate_version(args.repository, args.fuse, version, args.calibrate_limit)
         if args.triton:
             load(args.triton, [(f"{args.fuse}{repo.COMBINE_SUFFIX}", 1), (args.fuse, version)], args.timeout)
         return version
     if not args.run_dir or not args.model:
         raise SystemExit("give --run-dir and --model (or --fuse and --members)")
+    rollout = rollout_of_args(args)
     version = write_model(args.repository, args.model, args.run_dir, args.model_file, args.version,
-                          args.description, args.threads, args.instances)
+                          args.description, args.threads, args.instances, rollout)
+    ensemble = args.model if rollout is None else model_params.candidate_name(args.model)
+    if not args.no_calibrate:
+        calibrate_version(args.repository, ensemble, version, args.calibrate_limit)
     if args.triton:
-        load(args.triton, [(repo.classifier_name(args.model), version), (args.model, version)], args.timeout)
+        load(args.triton, [(repo.classifier_name(args.model), version), (ensemble, version)], args.timeout)
     return version
 
 

@@ -37,7 +37,16 @@ from torch import nn
 
 from services.common.spec import Spec
 from training.data.augment import Augment
-from training.data.datasets import FASHION_MNIST, SPLIT_DEFAULTS, Dataset, load_dataset, run_split, source_labels
+from training.data.datasets import (
+    FASHION_MNIST,
+    SPLIT_DEFAULTS,
+    Dataset,
+    concatenate,
+    load_dataset,
+    load_extra,
+    run_split,
+    source_labels,
+)
 from training.fit.engine import predict, train_one_epoch
 from training.nets.models import ARCHS, backbone_parameters, build_model, count_macs, features_of, load_checkpoint
 from training.nets.wrapper import UInt8NHWCWrapper
@@ -58,6 +67,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     data.add_argument("--data", default=FASHION_MNIST,
                       help=f"'{FASHION_MNIST}', an image folder (one sub-folder per class) or a CSV manifest "
                            "path,label (default: %(default)s)")
+    data.add_argument("--extra-data", default="",
+                      help="more training images on top of --data: a CSV manifest path,label (e.g. "
+                           "python -m training.feedback export's manifest.csv) or an image folder, labels mapped "
+                           "onto --data's classes (an unknown label fails); all of them train, none validates, "
+                           "--limit-train does not apply to them (default: none)")
+    data.add_argument("--extra-repeat", type=int, default=1,
+                      help="times each --extra-data image appears per epoch (oversampling a few corrections "
+                           "among many base images) (default: %(default)s)")
     data.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE,
                       help="config.pbtxt whose 'image' dims and preprocess.* parameters define the input "
                            "(default: %(default)s)")
@@ -185,7 +202,22 @@ def load_split(args: argparse.Namespace, spec: Spec) -> tuple[Dataset, Dataset, 
     val_set = both.take(np.arange(len(train_idx), len(both)))
     LOG.info("data %s: %d train / %d validation images, %d classes", args.data, len(train_set), len(val_set),
              len(classes))
-    return train_set, val_set, tuple(classes)
+    return with_extra(args, spec, train_set), val_set, tuple(classes)
+
+
+def with_extra(args: argparse.Namespace, spec: Spec, train_set: Dataset) -> Dataset:
+    """``train_set`` plus ``--extra-data`` (repeated ``--extra-repeat`` times), when given."""
+    if not args.extra_data:
+        return train_set
+    if args.extra_repeat < 1:
+        raise SystemExit(f"--extra-repeat {args.extra_repeat}: give 1 or more")
+    try:
+        extra = load_extra(args.extra_data, spec, train_set.classes)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"--extra-data: {error}") from None
+    LOG.info("extra data %s: %d images (× %d) added to the training split", args.extra_data, len(extra),
+             args.extra_repeat)
+    return concatenate(train_set, extra, args.extra_repeat)
 
 
 def build_student(args: argparse.Namespace, spec: Spec, num_classes: int,
@@ -279,7 +311,8 @@ def main(args: argparse.Namespace) -> dict:
 
     meta = {"arch": args.arch, "spec": spec_to_dict(spec), "classes": list(classes), "net_size": args.net_size,
             "stretch_contrast": not args.no_contrast_stretch,
-            "recipe": str(args.recipe), "data": args.data, "macs": macs, "params": params,
+            "recipe": str(args.recipe), "data": args.data, "extra_data": args.extra_data or None,
+            "macs": macs, "params": params,
             "teacher": str(args.teacher) if args.teacher else None,
             "init_from": str(args.init_from) if args.init_from else None}
     start_epoch, history = resume_from(args, model, optimizer, scheduler, generator)

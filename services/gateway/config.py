@@ -31,6 +31,7 @@ class GatewayConfig:
     security: SecurityConfig
     retry: RetryConfig
     search: SearchConfig
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig.from_env({}))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -46,12 +47,16 @@ class GatewayConfig:
             max_batch_items=env_int("GATEWAY_MAX_BATCH_ITEMS", 32, env, minimum=1),
             default_timeout_s=env_float("GATEWAY_DEFAULT_TIMEOUT_SECONDS", 10.0, env, minimum=0.01),
             health_interval_s=env_float("GATEWAY_HEALTH_INTERVAL_SECONDS", 1.0, env, minimum=0.05),
-            model_refresh_s=env_float("GATEWAY_MODEL_REFRESH_SECONDS", 10.0, env, minimum=0.1),
+            # How often the models, their calibration and a rollout's split are re-read from Triton (on the
+            # health loop, every GATEWAY_HEALTH_INTERVAL_SECONDS): a split change reaches every replica within
+            # about the sum of the two.
+            model_refresh_s=env_float("GATEWAY_MODEL_REFRESH_SECONDS", 1.0, env, minimum=0.1),
             grace_s=env_float("GATEWAY_GRACE_SECONDS", 5.0, env, minimum=0.0),
             log_level=env_str("GATEWAY_LOG_LEVEL", "INFO", env),
             security=SecurityConfig.from_env(env),
             retry=RetryConfig.from_env(env),
             search=SearchConfig.from_env(env),
+            rollout=RolloutConfig.from_env(env),
         )
         if not config.security.tls_cert and not config.security.allow_plaintext and not is_loopback(config.address):
             raise ConfigError(f"GATEWAY_ADDRESS={config.address} is not a loopback address: serve TLS "
@@ -77,6 +82,31 @@ def _existing_file(name: str, env: Mapping[str, str] | None) -> str:
     if path and not Path(path).is_file():
         raise ConfigError(f"{name}={path} is not a readable file")
     return path
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Canary and shadow rollouts (services/gateway/routing.py) and the ``confident`` flag of answers."""
+
+    # Score at or above which a Prediction is ``confident`` when the answering version has no per-class
+    # thresholds (parameter shopvision.thresholds, written by training.calibrate).
+    confidence_threshold: float
+    # Comparison calls (shadow copies, and the serving copies of canary answers) in flight at once; more are
+    # dropped and counted in shopvision_gateway_shadow_dropped_total, never queued.
+    shadow_max_in_flight: int
+    shadow_timeout_s: float  # deadline of one comparison call
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RolloutConfig:
+        config = cls(
+            confidence_threshold=env_float("GATEWAY_CONFIDENCE_THRESHOLD", 0.5, env, minimum=0.0),
+            shadow_max_in_flight=env_int("GATEWAY_SHADOW_MAX_IN_FLIGHT", 4, env, minimum=0),
+            shadow_timeout_s=env_float("GATEWAY_SHADOW_TIMEOUT_SECONDS", 5.0, env, minimum=0.01),
+        )
+        if config.confidence_threshold > 1.0:
+            raise ConfigError(f"GATEWAY_CONFIDENCE_THRESHOLD={config.confidence_threshold} is above 1 "
+                              "(a probability)")
+        return config
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ LOG = logging.getLogger(__name__)
 # Methods reachable without a token and without rate limits (probes, service discovery).
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 AUTHORIZATION_KEY = "authorization"
+# The caller the bearer token named, for the call being served ('' when tokens are off): set by
+# :class:`CallerInterceptor` around the servicer, read by it (e.g. to keep a caller on one canary version).
+authenticated_caller: ContextVar[str] = ContextVar("authenticated_caller", default="")
 
 
 # -- TLS -------------------------------------------------------------------------------------------------------------
@@ -194,7 +198,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
             if caller is None:
                 metrics.AUTH_FAILURES.inc()
                 return _refusal(handler)
-        if handler.unary_unary is None or self._limiter is None:
+        if handler.unary_unary is None or (self._limiter is None and caller is None):
             return handler
         return grpc.unary_unary_rpc_method_handler(
             self._limited(handler.unary_unary, caller),
@@ -203,12 +207,17 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         )
 
     def _limited(self, behavior: Behavior, caller: str | None) -> Behavior:
+        """``behavior`` run with ``authenticated_caller`` set, after the caller's rate limit (when there is one)."""
         limiter = self._limiter
-        assert limiter is not None
 
         async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            limiter.take(caller or peer_identity(context), images_in(request))
-            return await behavior(request, context)
+            if limiter is not None:
+                limiter.take(caller or peer_identity(context), images_in(request))
+            token = authenticated_caller.set(caller or "")
+            try:
+                return await behavior(request, context)
+            finally:
+                authenticated_caller.reset(token)
 
         return limited
 

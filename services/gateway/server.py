@@ -19,8 +19,10 @@ from services.gateway.catalog.service import CatalogService, CatalogSettings, Em
 from services.gateway.catalog.store import CatalogStore, StoreSettings
 from services.gateway.concurrency import AdmissionGate
 from services.gateway.config import GatewayConfig
+from services.gateway.feedback import FeedbackService, FeedbackStore
 from services.gateway.preprocess_client import PreprocessClient
 from services.gateway.retry import Retrier, RetryBudget, RetryPolicy
+from services.gateway.routing import Router
 from services.gateway.security import CallerInterceptor, RateLimiter, TokenSet, server_credentials
 from services.gateway.servicer import ProductRecognitionServicer
 from services.gateway.triton import InferRetryPolicy, TritonBackend
@@ -129,14 +131,18 @@ async def serve(config: GatewayConfig) -> None:
     search = catalog_service(config, preprocess, triton)
     if search is not None:
         await search.store.open()
+    # Feedback lives in the catalog's database, on its pool; without a catalog, SubmitFeedback answers UNAVAILABLE.
+    feedback = FeedbackService(FeedbackStore(search.store)) if search is not None else None
     request_limit = config.max_image_bytes + 64 * 1024  # the image plus the other request fields
     interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(observe, max_request_bytes=request_limit)]
     caller_control = caller_interceptor(config)
     if caller_control is not None:
         interceptors.append(caller_control)  # inside the ErrorInterceptor: its refusals are mapped and counted
     server = create_server(interceptors, max_message_bytes=transport_limit(request_limit))
+    router = Router(triton, config.rollout)  # canary / shadow rollouts read from Triton (routing.py)
     recognition_pb2_grpc.add_ProductRecognitionServicer_to_server(
-        ProductRecognitionServicer(config, preprocess, triton, AdmissionGate(config.max_in_flight), search), server)
+        ProductRecognitionServicer(config, preprocess, triton, AdmissionGate(config.max_in_flight), search,
+                                   router=router, feedback=feedback), server)
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
     await set_serving(health_servicer, [SERVICE_NAME], False)
     credentials = server_credentials(config.security)
@@ -164,5 +170,6 @@ async def serve(config: GatewayConfig) -> None:
             await health_task
         if search is not None:
             await search.close()
+        await router.close()
         await preprocess.close()
         await triton.close()

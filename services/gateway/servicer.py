@@ -20,12 +20,17 @@ from services.gateway.catalog.service import CatalogService, Indexed, IndexItem,
 from services.gateway.catalog.store import CatalogRow, Hit, ProductRow
 from services.gateway.concurrency import AdmissionGate
 from services.gateway.config import GatewayConfig
+from services.gateway.drift import DriftMonitor
+from services.gateway.feedback import FeedbackItem, FeedbackService
 from services.gateway.preprocess_client import PreprocessClient
+from services.gateway.routing import Router
+from services.gateway.security import authenticated_caller
 from services.gateway.triton import Model, TritonBackend
 from services.gateway.uploads import check_upload
 
 LOG = logging.getLogger(__name__)
 REQUEST_ID_KEY = "x-request-id"
+CALLER_ID_KEY = "x-caller-id"
 
 
 def request_id_of(context: grpc.aio.ServicerContext) -> str:
@@ -35,14 +40,38 @@ def request_id_of(context: grpc.aio.ServicerContext) -> str:
     return cleaned or uuid.uuid4().hex
 
 
+def stated_caller(context: grpc.aio.ServicerContext) -> str:
+    """Who says they are calling: the bearer token's caller when tokens are on, else the ``x-caller-id``
+    metadata (trimmed like a request id), else the client certificate's common name; '' when none."""
+    authenticated = authenticated_caller.get()
+    if authenticated:
+        return "token:" + authenticated
+    given = dict(context.invocation_metadata() or ()).get(CALLER_ID_KEY, "")
+    cleaned = "".join(ch for ch in str(given)[:128] if ch.isprintable())
+    if cleaned:
+        return cleaned
+    names = (context.auth_context() or {}).get("x509_common_name")
+    return "cn:" + names[0].decode(errors="replace") if names else ""
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> str:
+    """The caller for a rollout's split: :func:`stated_caller`, else a new random id (a random canary share)."""
+    return stated_caller(context) or uuid.uuid4().hex
+
+
 class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer):
     def __init__(self, config: GatewayConfig, preprocess: PreprocessClient, triton: TritonBackend,
-                 gate: AdmissionGate, search: CatalogService | None = None) -> None:
+                 gate: AdmissionGate, search: CatalogService | None = None,
+                 router: Router | None = None,
+                 feedback: FeedbackService | None = None, drift: DriftMonitor | None = None) -> None:
         self._config = config
         self._preprocess = preprocess
         self._triton = triton
         self._gate = gate
         self._search = search
+        self._router = router or Router(triton, config.rollout)
+        self._feedback = feedback
+        self._drift = drift or DriftMonitor()
 
     # -- helpers -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -70,7 +99,7 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
         return model
 
     async def _classify_one(self, request: recognition_pb2.ClassifyRequest, deadline: float,
-                            request_id: str) -> recognition_pb2.ClassifyResponse:
+                            request_id: str, caller: str) -> recognition_pb2.ClassifyResponse:
         start = time.perf_counter()
         check_upload(request.image, self._config.max_image_bytes)
         model = await self._model(request.model)
@@ -86,13 +115,21 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
         metrics.HOP_SECONDS.labels("preprocess").observe(preprocess_s)
 
         hop = time.perf_counter()
-        result = await self._triton.classify(model, pixels, top_k, remaining_seconds(deadline), request_id)
+        # The serving version, or during a rollout the canary for this caller (services/gateway/routing.py).
+        answer = await self._router.classify(self._router.route(model, caller), pixels, top_k, deadline, request_id)
+        result = answer.result
         inference_s = time.perf_counter() - hop
         metrics.HOP_SECONDS.labels("triton").observe(inference_s)
+        if result.class_ids:  # what live traffic looks like, against the answering version's reference
+            self._drift.observe(model.name, result.model_version, answer.calibration.reference_json, model.labels,
+                                result.class_ids[0], result.scores[0], prep.original_width, prep.original_height,
+                                pixels)
 
+        threshold = self._config.rollout.confidence_threshold
         return recognition_pb2.ClassifyResponse(
             predictions=[
-                recognition_pb2.Prediction(label=label, score=score, class_id=class_id)
+                recognition_pb2.Prediction(label=label, score=score, class_id=class_id,
+                                           confident=answer.calibration.confident(score, class_id, threshold))
                 for score, class_id, label in zip(result.scores, result.class_ids, result.labels, strict=True)],
             model=model.name,
             model_version=result.model_version,
@@ -110,7 +147,7 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
         deadline = self._deadline(context)
         self._gate.acquire()
         try:
-            response = await self._classify_one(request, deadline, request_id)
+            response = await self._classify_one(request, deadline, request_id, caller_of(context))
         finally:
             self._gate.release()
         set_span_attributes({"shopvision.model_version": response.model_version})
@@ -133,10 +170,12 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
         set_span_attributes({"shopvision.model": ",".join(  # the distinct models of the (bounded) batch
             sorted({item.model or self._config.default_model for item in request.requests}))})
         deadline = self._deadline(context)
+        caller = caller_of(context)
         self._gate.acquire(count)
         try:
             results = await asyncio.gather(
-                *(self._classify_one(item, deadline, f"{request_id}-{i}") for i, item in enumerate(request.requests)),
+                *(self._classify_one(item, deadline, f"{request_id}-{i}", caller)
+                  for i, item in enumerate(request.requests)),
                 return_exceptions=True)
         finally:
             self._gate.release(count)
@@ -156,10 +195,7 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
         default = self._config.default_model
         return recognition_pb2.ListModelsResponse(
             default_model=default,
-            models=[recognition_pb2.ModelInfo(
-                name=m.name, versions=m.versions, labels=m.labels, input_height=m.spec.height,
-                input_width=m.spec.width, input_channels=m.spec.channels, is_default=m.name == default)
-                for m in sorted(self._triton.models.values(), key=lambda m: m.name)])
+            models=[model_info(m, default) for m in sorted(self._triton.models.values(), key=lambda m: m.name)])
 
     # -- the catalog: similar-product search and products (domain logic in services/gateway/catalog/service.py) ---
     def _catalog(self) -> CatalogService:
@@ -246,6 +282,32 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
         return recognition_pb2.ListCatalogsResponse(
             catalogs=[catalog_pb(c) for c in await self._catalog().list_catalogs()])
 
+    # -- feedback: the one RPC that keeps a caller's photo (domain logic in services/gateway/feedback.py) ---------
+    def _feedback_service(self) -> FeedbackService:
+        if self._feedback is None:
+            raise Unavailable("feedback is stored in the catalog database, which is not enabled on this gateway "
+                              "(GATEWAY_CATALOG_DATABASE_URL is empty)", reason="feedback_disabled")
+        return self._feedback
+
+    async def SubmitFeedback(self, request: recognition_pb2.SubmitFeedbackRequest,
+                             context: grpc.aio.ServicerContext) -> recognition_pb2.SubmitFeedbackResponse:
+        request_id = await self._start_call(context, {"shopvision.model": request.model or self._config.default_model})
+        feedback, deadline = self._feedback_service(), self._deadline(context)
+        self._gate.acquire()
+        try:
+            check_upload(request.image, self._config.max_image_bytes)
+            model = await self._model(request.model)
+            item = feedback.validate(FeedbackItem(
+                model=model.name, label=request.label, image=request.image, request_id=request.request_id,
+                product_id=request.product_id, caller=stated_caller(context)), model.labels)
+            # Decoded exactly as Classify decodes it, pixels discarded: an undecodable photo is refused with the
+            # preprocess service's INVALID_ARGUMENT before anything is stored.
+            await self._preprocess.preprocess(request.image, model.spec, remaining_seconds(deadline), request_id)
+            stored = await feedback.submit(item, model.labels)
+        finally:
+            self._gate.release()
+        return recognition_pb2.SubmitFeedbackResponse(feedback_id=stored.feedback_id, duplicate=stored.duplicate)
+
 
 def item_error(method: str, result: object) -> recognition_pb2.ItemError | None:
     """Count one batch item under ``method`` and give its ItemError when it failed (None when it succeeded)."""
@@ -257,6 +319,16 @@ def item_error(method: str, result: object) -> recognition_pb2.ItemError | None:
 
 
 # -- protobuf <-> domain --------------------------------------------------------------------------------------------
+def model_info(model: Model, default: str) -> recognition_pb2.ModelInfo:
+    candidate = model.candidate
+    return recognition_pb2.ModelInfo(
+        name=model.name, versions=model.versions, labels=model.labels, input_height=model.spec.height,
+        input_width=model.spec.width, input_channels=model.spec.channels, is_default=model.name == default,
+        thresholds=model.thresholds, threshold_rule=model.threshold_rule,
+        candidate_version=candidate.version if candidate else "", rollout_mode=candidate.mode if candidate else "",
+        canary_percent=candidate.percent if candidate else 0.0)
+
+
 def index_item(request: recognition_pb2.IndexProductRequest) -> IndexItem:
     return IndexItem(product_id=request.product_id, image=request.image, catalog=request.catalog,
                      metadata=dict(request.metadata), attributes=[(a.key, a.value) for a in request.attributes],

@@ -3,7 +3,9 @@
 Public models are Triton models whose config has the parameter
 ``shopvision.public: "true"`` (the ensembles). Their preprocessing recipe is
 read from the same config (``preprocess.*`` parameters and the ``image`` input
-dims), so the model repository is its one source of truth.
+dims), so the model repository is its one source of truth. So are each public
+model's calibration and a rollout under way: a READY ``<model>__candidate``
+ensemble is attached to ``<model>`` (services/gateway/rollout.py).
 """
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from services.common import model_params
 from services.common.errors import DeadlineExceeded, ShopvisionError, Unavailable
 from services.common.spec import Spec
 from services.gateway import metrics
 from services.gateway.channels import RENEW_EVERY_S, RenewingChannel, channel_options
 from services.gateway.retry import Retrier, RetryBudget, RetryPolicy, RetryWindowElapsed
+from services.gateway.rollout import Calibration, Candidate, calibration_of, candidate_of_config, parameters_of
 
 LOG = logging.getLogger(__name__)
 
@@ -92,13 +96,14 @@ def _channel_of(client: triton_aio.InferenceServerClient) -> grpc.aio.Channel:
 @dataclass(frozen=True)
 class EmbeddingSource:
     """The ensemble step whose output is the public ``embedding``: search calls that model directly, so a
-    catalog can pin its version (an ensemble's steps follow their member's latest version, whatever version
-    of the ensemble is asked for)."""
+    catalog can pin its version; ``version`` is the one the ensemble's step pins ('' for an unpinned step),
+    what a call without a catalog version uses."""
 
     model: str
     image_input: str
     embedding_output: str
     logits_output: str
+    version: str = ""
 
 
 @dataclass
@@ -109,6 +114,22 @@ class Model:
     num_classes: int
     labels: list[str] = field(default_factory=list)
     embedding_source: EmbeddingSource | None = None
+    members: str = ""  # shopvision.members of the serving version, e.g. "fashion_cnn_onnx:3,postprocess_softmax:1"
+    calibration: Calibration = field(default_factory=Calibration)
+    candidate: Candidate | None = None  # a rollout under way
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        return self.calibration.thresholds
+
+    @property
+    def threshold_rule(self) -> str:
+        return self.calibration.threshold_rule
+
+    @property
+    def reference_json(self) -> str:
+        """The serving version's ``shopvision.reference`` as written (JSON; parsed by the drift monitor)."""
+        return self.calibration.reference_json
 
 
 def embedding_source_of(config: dict) -> EmbeddingSource | None:
@@ -119,7 +140,9 @@ def embedding_source_of(config: dict) -> EmbeddingSource | None:
         if EMBEDDING_OUTPUT in outputs and INPUT in inputs:
             others = [key for key in step.get("output_map", {}) if key != outputs[EMBEDDING_OUTPUT]]
             logits = others[0] if others else ""
-            return EmbeddingSource(step["model_name"], inputs[INPUT], outputs[EMBEDDING_OUTPUT], logits)
+            pinned = int(step.get("model_version", -1))
+            return EmbeddingSource(step["model_name"], inputs[INPUT], outputs[EMBEDDING_OUTPUT], logits,
+                                   str(pinned) if pinned > 0 else "")
     return None
 
 
@@ -147,6 +170,15 @@ def _to_error(error: InferenceServerException, what: str) -> ShopvisionError:
     if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in str(error.message()):
         return DeadlineExceeded(f"deadline exceeded while waiting for Triton ({what})", reason="deadline")
     return Unavailable(f"Triton is unavailable ({what}): {error.message()}", reason="triton")
+
+
+class ModelGone(Unavailable):
+    """The model asked for is not (or no longer) READY in Triton: a candidate promoted or rolled back."""
+
+
+def is_gone(error: InferenceServerException) -> bool:
+    """The model or version is not loaded (unknown, being unloaded) or Triton cannot be reached."""
+    return is_draining(error) or is_disconnected(error) or "NOT_FOUND" in str(error.status() or "")
 
 
 def spec_from_config(config: dict) -> Spec:
@@ -247,28 +279,47 @@ class TritonBackend:
                 if entry.get("state") == "READY":
                     ready.setdefault(entry["name"], []).append(entry.get("version", ""))
             models: dict[str, Model] = {}
+            candidates: dict[str, Candidate] = {}
             for name, versions in ready.items():
                 try:
                     reply = await self._client.get_model_config(name, as_json=True, client_timeout=timeout_s)
                     config = reply["config"]
                 except InferenceServerException as error:
+                    if is_draining(error):  # unloaded since the index was read (a rollout ending)
+                        continue
                     raise _to_error(error, f"reading config of {name}") from None
-                if config.get("parameters", {}).get("shopvision.public", {}).get("string_value") != "true":
+                params = parameters_of(config)
+                is_candidate = bool(params.get(model_params.CANDIDATE_OF))
+                if params.get(model_params.PUBLIC) != "true" and not is_candidate:
                     continue
                 try:
                     spec = spec_from_config(config)
-                except (ValueError, ShopvisionError) as error:
-                    LOG.error("model %s has a bad preprocessing spec: %s", name, error)
+                    output = next(o for o in config["output"] if o["name"] == OUTPUT)
+                except (ValueError, StopIteration, ShopvisionError) as error:
+                    LOG.error("model %s has a bad preprocessing spec or no %r output: %s", name, OUTPUT, error)
                     continue
-                output = next(o for o in config["output"] if o["name"] == OUTPUT)
+                num_classes = int(output["dims"][-1])
+                if is_candidate:
+                    candidate = candidate_of_config(name, params, versions, spec, num_classes)
+                    if candidate is not None:
+                        candidates[candidate.model] = candidate
+                    continue
                 model = Model(name, sorted(versions, key=lambda v: int(v) if v.isdigit() else 0),
-                              spec, int(output["dims"][-1]), embedding_source=embedding_source_of(config))
+                              spec, num_classes, embedding_source=embedding_source_of(config),
+                              members=params.get(model_params.MEMBERS, ""),
+                              calibration=calibration_of(name, params, num_classes))
                 previous = self._models.get(name)
                 if previous and previous.labels and previous.num_classes == model.num_classes:
                     model.labels = previous.labels
                 else:
                     model.labels = await self._fetch_labels(model, timeout_s)
                 models[name] = model
+            for public, candidate in candidates.items():
+                if public in models:
+                    models[public].candidate = candidate
+                else:
+                    LOG.warning("candidate %s is for %s, which is not a READY public model: ignored",
+                                candidate.triton_name, public)
             self._models = models
             self._refreshed_at = time.monotonic()
             return models
@@ -317,14 +368,32 @@ class TritonBackend:
         scores, ids, labels = parse_classification(result.as_numpy(OUTPUT)[0])
         return Classification(scores, ids, labels, result.get_response().model_version)
 
+    async def classify_once(self, name: str, pixels: np.ndarray, top_k: int, timeout_s: float,
+                            request_id: str) -> Classification:
+        """One attempt at Triton model ``name`` (a candidate, a comparison copy): no retries, since the caller
+        has the serving version to fall back on; :class:`ModelGone` when ``name`` is not READY."""
+        inputs = [triton_aio.InferInput(INPUT, [1, *pixels.shape], "UINT8")]
+        inputs[0].set_data_from_numpy(pixels[None])
+        outputs = [triton_aio.InferRequestedOutput(OUTPUT, class_count=top_k)]
+        try:
+            result = await self._client.infer(name, inputs, outputs=outputs, request_id=request_id,
+                                              client_timeout=timeout_s)
+        except InferenceServerException as error:
+            if is_gone(error):
+                raise ModelGone(f"{name} is not ready in Triton: {error.message()}", reason="model_gone") from None
+            raise _to_error(error, f"inferring {name}") from None
+        scores, ids, labels = parse_classification(result.as_numpy(OUTPUT)[0])
+        return Classification(scores, ids, labels, result.get_response().model_version)
+
     async def embed(self, model: Model, pixels: np.ndarray, timeout_s: float, request_id: str,
                     version: str = "") -> Embedding:
         """Embedding and top-1 category of one image from the model's embedding step, ``version`` of that step
-        (empty: its latest); the version reported is the embedding model's."""
+        (empty: the version the ensemble pins, else its latest); the version reported is the embedding model's."""
         source = model.embedding_source
         if source is None:
             raise Unavailable(f"model {model.name} has no embedding step: it cannot serve similar-product search",
                               reason="no_embedding")
+        version = version or source.version
         inputs = [triton_aio.InferInput(source.image_input, [1, *pixels.shape], "UINT8")]
         inputs[0].set_data_from_numpy(pixels[None])
         outputs = [triton_aio.InferRequestedOutput(source.embedding_output)]

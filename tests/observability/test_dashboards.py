@@ -4,12 +4,23 @@ Grafana itself cannot be installed here, so the structure it relies on is checke
 """
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.observability.promql import DASHBOARD_FILES, all_panels, load_dashboards, panel_queries, selectors
+from tests.observability.promql import (
+    DASHBOARD_FILES,
+    all_panels,
+    load_dashboards,
+    panel_queries,
+    selectors,
+    substitute,
+)
 from tools import dashboards
 
 DASHBOARDS = load_dashboards()
@@ -122,3 +133,73 @@ def test_gpu_only_panels_are_marked_and_query_only_gpu_metrics() -> None:
     for query in not_marked:
         assert not any(s.startswith("nv_gpu_") for s in selectors(query.expr)), \
             f"{query.name} reads GPU metrics without the {dashboards.GPU_ONLY!r} marker"
+
+
+# The gateway's model-lifecycle metrics (issue 18), each plotted in the "Model lifecycle" row.
+LIFECYCLE_METRICS = {
+    "shopvision_gateway_rollout_requests_total", "shopvision_gateway_rollout_errors_total",
+    "shopvision_gateway_rollout_request_duration_seconds_bucket", "shopvision_gateway_shadow_agreement_total",
+    "shopvision_gateway_shadow_dropped_total", "shopvision_gateway_predictions_total",
+    "shopvision_gateway_top1_score_bucket", "shopvision_gateway_input_megapixels_bucket",
+    "shopvision_gateway_input_aspect_ratio_bucket", "shopvision_gateway_input_brightness_total",
+    "shopvision_gateway_drift_psi", "shopvision_gateway_drift_window_samples", "shopvision_gateway_feedback_total",
+}
+
+
+def row_panels(board: dict[str, Any], title: str) -> list[dict[str, Any]]:
+    """The panels under the row called ``title`` (rows are not collapsed: they follow it at the top level)."""
+    found, inside = [], False
+    for item in board["panels"]:
+        if item["type"] == "row":
+            inside = item["title"] == title
+        elif inside:
+            found.append(item)
+    return found
+
+
+def test_model_lifecycle_row_plots_every_lifecycle_metric() -> None:
+    board = DASHBOARDS["triton-models.json"]
+    panels = row_panels(board, "Model lifecycle")
+    plotted = {s.split("{")[0] for p in panels for t in p["targets"] for s in selectors(t["expr"])}
+    assert plotted == LIFECYCLE_METRICS
+    by_title = {p["title"]: p for p in panels}
+    # Rollout panels split by version and role, so a candidate is seen beside the serving version.
+    for title in ("Requests by version and role", "Error ratio by version and role",
+                  "p99 inference time by version and role"):
+        expr = by_title[title]["targets"][0]["expr"]
+        assert "by (model, version, role" in expr and "$model" in expr, title
+        assert by_title[title]["targets"][0]["legendFormat"] == "{{model}} v{{version}} {{role}}"
+    # Ratios read 0, not "No data", while there are calls but no errors (or no agreeing shadow answers).
+    assert " * 0) / " in by_title["Error ratio by version and role"]["targets"][0]["expr"]
+    assert 'agree="true"' in by_title["Candidate agreement with serving"]["targets"][0]["expr"]
+    psi = by_title["Drift (PSI against the validation reference)"]["targets"][0]["expr"]
+    assert "by (model, version, signal)" in psi
+
+
+def test_rollout_only_panels_are_marked_and_query_only_rollout_only_metrics() -> None:
+    panels = [p for board in DASHBOARDS.values() for p in all_panels(board) if p["type"] != "row"]
+    marked = {p["title"] for p in panels if p["description"].startswith(dashboards.ROLLOUT_ONLY)}
+    assert marked == {"Candidate agreement with serving", "Comparisons dropped"}
+    for item in panels:
+        for target in item["targets"]:
+            names = [s.split("{")[0] for s in selectors(target["expr"])]
+            rollout_only = [n for n in names if n in dashboards.ROLLOUT_ONLY_METRICS]
+            if item["title"] in marked:
+                assert rollout_only == names, item["title"]
+            else:
+                assert not rollout_only, \
+                    f"{item['title']} reads {rollout_only} without the {dashboards.ROLLOUT_ONLY!r} marker"
+
+
+def test_every_query_parses(tmp_path: Path) -> None:
+    """Each panel query, with its variables filled in, is valid PromQL for promtool (no Prometheus needed)."""
+    binary = shutil.which("promtool")
+    if binary is None:
+        pytest.fail("promtool is not installed: run `make deps` (Debian package prometheus)")
+    values = {"namespace": "shop", "model": "(fashion_effnet|fashion_cnn)", "__rate_interval": "5m"}
+    queries = [q for name, board in sorted(DASHBOARDS.items()) for q in panel_queries(name, board)]
+    rules = [{"record": f"panel:query_{i}:check", "expr": substitute(q.expr, values)} for i, q in enumerate(queries)]
+    (tmp_path / "panels.rules.yml").write_text(json.dumps({"groups": [{"name": "panels", "rules": rules}]}))
+    result = subprocess.run([binary, "check", "rules", "panels.rules.yml"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -80,3 +80,20 @@ def test_categorize_writes_top_k_flags_and_resumes(stack: Stack, tmp_path: Path,
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert len(records) == 10 and all(len(r["predictions"]) == 2 for r in records)
     assert all(r["needs_review"] == (r["predictions"][0]["score"] < 0.99) for r in records)
+
+
+def test_categorize_by_default_flags_the_answers_the_gateway_does_not_call_confident(stack: Stack,
+                                                                                   tmp_path: Path) -> None:
+    import grpc
+    from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
+
+    output = tmp_path / "categories.jsonl"
+    argv = ["fashion-mnist:test:12", "--gateway", stack.gateway_address, "--output", str(output), "--top-k", "2",
+            "--no-progress"]
+    assert categorize.main(categorize.get_args_parser().parse_args(argv)) == 0
+    records = {r["product_id"]: r for r in map(json.loads, output.read_text().splitlines())}
+    with grpc.insecure_channel(stack.gateway_address) as channel:
+        stub = recognition_pb2_grpc.ProductRecognitionStub(channel)
+        for item in read_catalog("fashion-mnist:test:12"):
+            reply = stub.Classify(recognition_pb2.ClassifyRequest(image=item.read(), top_k=2), timeout=60)
+            assert records[item.product_id]["needs_review"] == (not reply.predictions[0].confident), item.product_id

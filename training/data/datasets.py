@@ -97,8 +97,9 @@ def image_folder_items(root: Path) -> tuple[list[tuple[Path, str]], tuple[str, .
     return items, classes
 
 
-def manifest_items(path: Path) -> tuple[list[tuple[Path, str]], tuple[str, ...]]:
-    """(path, label) rows of a CSV manifest ``path,label`` (header optional; paths relative to the CSV)."""
+def manifest_items(path: Path, allow_empty: bool = False) -> tuple[list[tuple[Path, str]], tuple[str, ...]]:
+    """(path, label) rows of a CSV manifest ``path,label`` (header optional; paths relative to the CSV). One that
+    lists no image is an error unless ``allow_empty`` (an export of feedback may hold nothing out)."""
     items: list[tuple[Path, str]] = []
     with open(path, newline="") as f:
         for row in csv.reader(f):
@@ -111,7 +112,7 @@ def manifest_items(path: Path) -> tuple[list[tuple[Path, str]], tuple[str, ...]]
                 continue
             file_path = Path(file)
             items.append((file_path if file_path.is_absolute() else path.parent / file_path, label))
-    if not items:
+    if not items and not allow_empty:
         raise ValueError(f"{path} lists no images")
     return items, tuple(sorted({label for _, label in items}))
 
@@ -171,6 +172,26 @@ def load_dataset(source: str, spec: Spec, split: str = "train", classes: tuple[s
     dataset = load_files(items, classes or found, spec)
     LOG.info("loaded %d images in %d classes from %s", len(dataset), len(dataset.classes), source)
     return dataset
+
+
+def load_extra(source: str, spec: Spec, classes: tuple[str, ...]) -> Dataset:
+    """Extra training images (a folder or a CSV manifest, e.g. exported feedback) with their labels mapped onto
+    the base data's ``classes``; ``ValueError`` naming every label the base data does not have. An empty
+    manifest gives an empty dataset."""
+    path = Path(source)
+    items, found = manifest_items(path, allow_empty=True) if path.suffix.lower() == ".csv" else _items(source)
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ValueError(f"{source}: labels {unknown} are not classes of the base data ({', '.join(classes)})")
+    return load_files(items, classes, spec)
+
+
+def concatenate(first: Dataset, second: Dataset, repeat: int = 1) -> Dataset:
+    """``first`` followed by ``repeat`` copies of ``second`` (same classes)."""
+    if first.classes != second.classes:
+        raise ValueError(f"datasets of different classes: {first.classes} vs {second.classes}")
+    return Dataset(np.concatenate([first.images, *[second.images] * repeat]),
+                   np.concatenate([first.labels, *[second.labels] * repeat]), first.classes)
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,12 +3,16 @@
 Optional measurements found next to ``eval.json`` are added as sections:
 ``classify_eval.json`` (training.evaluate --gateway: the same report through the
 real Classify call), ``quantization.json`` (training.quantize),
-``distillation.json`` and ``fusion.json`` (training.compare).
+``distillation.json`` and ``fusion.json`` (training.compare). ``calibration.json`` (training.calibrate) and
+the ``confident_eval`` of ``classify_eval.json`` make the "Confidence thresholds" section
+(:mod:`training.report.confidence`, which also rewrites it in place in a published, hand-edited card).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from training.report import confidence
 
 EXTRAS = {"classify_eval.json": "Through the real Classify path", "quantization.json": "INT8 quantization",
           "distillation.json": "Knowledge distillation", "fusion.json": "Fusion with another classifier"}
@@ -56,6 +60,9 @@ def render(run: dict, report: dict, extras: dict[str, dict] | None = None) -> st
     if catalog:
         lines += [f"| catalog-style photos top-1 ({catalog['count']} JPEGs) | {_pct(catalog['top1'])} |",
                   f"| catalog-style photos top-5 | {_pct(catalog['top5'])} |"]
+    if report.get("feedback_holdout") is not None:
+        feedback = report["feedback_holdout"]
+        lines.append(f"| held-out feedback top-1 ({feedback['count']} photos) | {_pct(feedback.get('top1'))} |")
     throughput = report.get("cpu_throughput")
     if throughput:
         lines += [f"| ONNX Runtime CPU, {throughput['threads']} thread(s), batch 1 | "
@@ -124,13 +131,37 @@ def render(run: dict, report: dict, extras: dict[str, dict] | None = None) -> st
                   f"seed {catalog.get('seed')}); see `training/data/catalog.py`.", "",
                   *_per_class_table(catalog), "", "![confusion matrix, catalog-style photos](confusion_catalog.png)",
                   ""]
-    for name, data in (extras or {}).items():
+    lines += _feedback_lines(meta, report.get("feedback_holdout"))
+    extras = dict(extras or {})
+    calibration = extras.pop(confidence.CALIBRATION, None)
+    for name, data in extras.items():
         lines += _json_block(EXTRAS.get(name, name.removesuffix(".json")), data)
+    lines += confidence.section(calibration, report.get("confident_eval")
+                                or extras.get("classify_eval.json", {}).get("confident_eval"))
     return "\n".join(lines)
 
 
+def _feedback_lines(meta: dict, holdout: dict | None) -> list[str]:
+    """Retraining on callers' feedback (training.retrain): what was added to training, how the held-out
+    feedback scores."""
+    if not meta.get("extra_data") and holdout is None:
+        return []
+    lines = ["## Callers' feedback", ""]
+    if meta.get("extra_data"):
+        lines += [f"Trained on `{meta.get('data', '')}` plus the feedback photos of `{meta['extra_data']}` "
+                  "(SubmitFeedback, exported by `python -m training.feedback export`); the test set above is "
+                  "untouched by it.", ""]
+    if holdout is not None and holdout["count"]:
+        lines += [f"Feedback held out of training (`{holdout['source']}`, chosen by image hash): top-1 "
+                  f"{_pct(holdout['top1'])}, top-5 {_pct(holdout.get('top5'))}.", "", *_per_class_table(holdout), ""]
+    elif holdout is not None:
+        lines += [f"No feedback was held out (`{holdout['source']}` is empty): too few photos yet.", ""]
+    return lines
+
+
 def write_model_card(out: Path, run: dict, report: dict) -> Path:
-    extras = {name: json.loads((out / name).read_text()) for name in EXTRAS if (out / name).exists()}
+    extras = {name: json.loads((out / name).read_text()) for name in (*EXTRAS, confidence.CALIBRATION)
+              if (out / name).exists()}
     path = out / "MODEL_CARD.md"
     path.write_text(render(run, report, extras))
     return path
