@@ -26,6 +26,7 @@ PHOTOS = ("coffee.png", "chelsea.png", "astronaut.png", "rocket.jpg", "china.jpg
 SIZES = ((640, 480), (1152, 864), (2048, 1536), (4032, 3024))
 ENSEMBLE = IMAGENET_ENSEMBLE
 CALL = "shopvision.v1.ProductRecognition.Classify"
+BATCH_CALL = "shopvision.v1.ProductRecognition.ClassifyBatch"
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,15 @@ def classify_payloads_from_bytes(images: Iterable[bytes], top_k: int = 5, model:
 
     return [recognition_pb2.ClassifyRequest(image=image, top_k=top_k, model=model).SerializeToString()
             for image in images]
+
+
+def classify_batch_payloads_from_bytes(images: Sequence[bytes], items: int, top_k: int = 5) -> list[bytes]:
+    """Serialised ``ClassifyBatchRequest`` messages of ``items`` images each, one per starting image (rotating)."""
+    from shopvision.v1 import recognition_pb2
+
+    return [recognition_pb2.ClassifyBatchRequest(requests=[
+        recognition_pb2.ClassifyRequest(image=images[(start + i) % len(images)], top_k=top_k) for i in range(items)
+    ]).SerializeToString() for start in range(len(images))]
 
 
 def classify_payloads(images: Sequence[Path], top_k: int = 5, model: str = "") -> list[bytes]:

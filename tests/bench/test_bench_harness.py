@@ -4,8 +4,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from shopvision.v1 import recognition_pb2
 
-from bench.harness.data import CALL, classify_payloads_from_bytes
+from bench.harness.data import BATCH_CALL, CALL, classify_batch_payloads_from_bytes, classify_payloads_from_bytes
 from bench.harness.load import GrpcTarget, Run, closed_loop, open_loop
 from bench.harness.summary import ghz_percentiles, latency_ms, ok_rps, summarize
 from devstack.stack import Stack, free_port
@@ -92,3 +93,25 @@ def test_an_unreachable_server_is_counted_as_unavailable():
     summary = summarize(asyncio.run(go()))
     assert summary["statusCodeDistribution"] == {"Unavailable": 2}
     assert summary["latencyDistribution"] == [] and summary["fastest"] == 0
+
+
+def test_classify_batch_payloads_rotate_through_the_images():
+    payloads = classify_batch_payloads_from_bytes([b"a", b"b", b"c"], items=4, top_k=3)
+    requests = [recognition_pb2.ClassifyBatchRequest.FromString(p).requests for p in payloads]
+    assert [[r.image for r in batch] for batch in requests] == [
+        [b"a", b"b", b"c", b"a"], [b"b", b"c", b"a", b"b"], [b"c", b"a", b"b", b"c"]]
+    assert all(r.top_k == 3 for batch in requests for r in batch)
+
+
+@pytest.mark.stack
+def test_a_classify_batch_call_through_the_harness_classifies_every_image(stack: Stack):
+    payloads = classify_batch_payloads_from_bytes([photo_bytes("coffee.png"), photo_bytes("chelsea.png")], items=32)
+
+    async def go() -> bytes:
+        async with GrpcTarget(stack.gateway_address, BATCH_CALL, payloads) as target:
+            return await target(0, 120.0)
+
+    reply = recognition_pb2.ClassifyBatchResponse.FromString(asyncio.run(go()))
+    assert len(reply.items) == 32 and not any(item.HasField("error") for item in reply.items)
+    labels = [item.response.predictions[0].label for item in reply.items]
+    assert labels[::2] == ["espresso"] * 16 and len(set(labels[1::2])) == 1 and labels[1] != "espresso"
