@@ -28,7 +28,7 @@ from typing import IO, Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RULES_FILE = REPO_ROOT / "deploy" / "k8s" / "components" / "monitoring" / "rules" / "shopvision.rules.yml"
-# Every rule file of the monitoring component (the service's SLO rules, the model lifecycle's), as Kubernetes loads them.
+# Every rule file of the monitoring component (the SLO rules, the model lifecycle's), as Kubernetes loads them.
 RULES_FILES = sorted(RULES_FILE.parent.glob("*.rules.yml"))
 JOBS = ("gateway", "preprocess", "triton")
 
