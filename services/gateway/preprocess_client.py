@@ -1,7 +1,10 @@
 """Client of the internal preprocess service: one channel, balanced over its replicas (services/gateway/channels.py)."""
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -13,6 +16,18 @@ from services.common.spec import Spec
 from services.gateway import metrics
 from services.gateway.channels import RENEW_EVERY_S, RenewingChannel, channel_options
 from services.gateway.retry import Retrier, RetryWindowElapsed
+
+# The pixels one PreprocessBatch reply may carry (the preprocess service's message limit is about one upload).
+MAX_REPLY_PIXELS = 16 * 1024 * 1024
+
+
+def _spec_message(spec: Spec) -> preprocess_pb2.ImageSpec:
+    return preprocess_pb2.ImageSpec(height=spec.height, width=spec.width, channels=spec.channels, crop=spec.crop,
+                                    resize_shorter=spec.resize_shorter, background=spec.background)
+
+
+def _pixels(reply: preprocess_pb2.PreprocessResponse) -> np.ndarray:
+    return np.frombuffer(reply.pixels, dtype=np.uint8).reshape(reply.height, reply.width, reply.channels)
 
 
 def _code_is(code: grpc.StatusCode):
@@ -55,31 +70,56 @@ class PreprocessClient:
 
     async def preprocess(self, image: bytes, spec: Spec, timeout_s: float,
                          request_id: str) -> tuple[np.ndarray, preprocess_pb2.PreprocessResponse]:
-        request = preprocess_pb2.PreprocessRequest(image=image, spec=preprocess_pb2.ImageSpec(
-            height=spec.height, width=spec.width, channels=spec.channels, crop=spec.crop,
-            resize_shorter=spec.resize_shorter, background=spec.background))
+        request = preprocess_pb2.PreprocessRequest(image=image, spec=_spec_message(spec))
+        reply = await self._call(lambda stubs: stubs.preprocessor.Preprocess, request, timeout_s, request_id)
+        return _pixels(reply), reply
 
-        async def attempt(number: int, timeout: float) -> preprocess_pb2.PreprocessResponse:
+    async def preprocess_batch(self, images: list[bytes], spec: Spec, timeout_s: float, request_id: str,
+                               max_request_bytes: int) -> list[tuple[np.ndarray, preprocess_pb2.PreprocessResponse]
+                                                               | ShopvisionError]:
+        """Every image with one recipe, in as few PreprocessBatch calls as the message limit allows (each image is
+        at most ``max_request_bytes``, checked by the caller); per image its pixels, or the error a single call
+        would have raised. The calls run at once."""
+        chunks: list[list[bytes]] = [[]]
+        size = 0
+        for image in images:
+            if chunks[-1] and (size + len(image) > max_request_bytes
+                               or (len(chunks[-1]) + 1) * spec.height * spec.width * spec.channels > MAX_REPLY_PIXELS):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(image)
+            size += len(image)
+        replies = await asyncio.gather(*(self._call(
+            lambda stubs: stubs.preprocessor.PreprocessBatch,
+            preprocess_pb2.PreprocessBatchRequest(images=chunk, spec=_spec_message(spec)), timeout_s,
+            request_id) for chunk in chunks if chunk))
+        out: list[tuple[np.ndarray, preprocess_pb2.PreprocessResponse] | ShopvisionError] = []
+        for reply in replies:
+            for item in reply.items:
+                if item.HasField("error"):
+                    out.append(InvalidInput(item.error.message or "invalid image", reason=item.error.reason or "image"))
+                else:
+                    out.append((_pixels(item.response), item.response))
+        return out
+
+    async def _call(self, method: Callable[[_Stubs], Any], request: Any, timeout_s: float, request_id: str) -> Any:
+        async def attempt(number: int, timeout: float) -> Any:
             # A retry waits for a ready replica (round robin skips the one that failed, or a restarted one comes
             # back) instead of failing at once.
-            return await self._channels.get().preprocessor.Preprocess(
+            return await method(self._channels.get())(
                 request, timeout=timeout, metadata=[("x-request-id", request_id)], wait_for_ready=number > 0)
 
         try:
             if self._retrier is None:
-                reply = await attempt(0, timeout_s)
-            else:
-                reply = await self._retrier.call(attempt, timeout_s,
-                                                 retryable=_code_is(grpc.StatusCode.UNAVAILABLE),
-                                                 is_timeout=_code_is(grpc.StatusCode.DEADLINE_EXCEEDED))
+                return await attempt(0, timeout_s)
+            return await self._retrier.call(attempt, timeout_s, retryable=_code_is(grpc.StatusCode.UNAVAILABLE),
+                                            is_timeout=_code_is(grpc.StatusCode.DEADLINE_EXCEEDED))
         except RetryWindowElapsed:
             metrics.UPSTREAM_ERRORS.labels("preprocess", "UNAVAILABLE").inc()
             raise Unavailable("preprocess service is unavailable: not back within the retry window",
                               reason="preprocess") from None
         except grpc.aio.AioRpcError as error:
             raise self._to_error(error) from None
-        pixels = np.frombuffer(reply.pixels, dtype=np.uint8).reshape(reply.height, reply.width, reply.channels)
-        return pixels, reply
 
     @staticmethod
     def _to_error(error: grpc.aio.AioRpcError) -> ShopvisionError:

@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -38,6 +39,18 @@ class Route:
     model: Model
     role: str
     candidate: Candidate | None
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Answers:
+    """The answers to one batch: every image by the same version (``role``), with that version's calibration."""
+
+    results: list[Classification]
+    role: str
+    calibration: Calibration
 
 
 @dataclass(frozen=True)
@@ -68,22 +81,28 @@ class Router:
 
     async def classify(self, route: Route, pixels: np.ndarray, top_k: int, deadline: float,
                        request_id: str) -> Answer:
+        answers = await self.classify_many(route, pixels[None], top_k, deadline, request_id)
+        return Answer(answers.results[0], answers.role, answers.calibration)
+
+    async def classify_many(self, route: Route, pixels: np.ndarray, top_k: int, deadline: float,
+                            request_id: str) -> Answers:
+        """The images of ``pixels`` (N, H, W, C) in one inference request, answered by one version."""
         model, candidate = route.model, route.candidate
         if route.role == CANARY and candidate is not None:
             try:
-                result = await self._timed(model.name, candidate.version, CANARY, self._triton.classify_once(
-                    candidate.triton_name, pixels, top_k, remaining_seconds(deadline), request_id))
+                results = await self._timed(model.name, candidate.version, CANARY, self._triton.classify_once_many(
+                    candidate.triton_name, pixels, top_k, remaining_seconds(deadline), request_id), len(pixels))
             except ShopvisionError as error:
                 self._note_failure(candidate, error)
             else:
-                self._compare(model, candidate, pixels, result, request_id)
-                return Answer(result, CANARY, candidate.calibration)
+                self._compare_all(model, candidate, pixels, results, request_id)
+                return Answers(results, CANARY, candidate.calibration)
         serving_version = model.versions[-1] if model.versions else ""
-        result = await self._timed(model.name, serving_version, SERVING, self._triton.classify(
-            model, pixels, top_k, remaining_seconds(deadline), request_id))
+        results = await self._timed(model.name, serving_version, SERVING, self._triton.classify_many(
+            model, pixels, top_k, remaining_seconds(deadline), request_id), len(pixels))
         if candidate is not None and candidate.mode == SHADOW:
-            self._compare(model, candidate, pixels, result, request_id)
-        return Answer(result, SERVING, model.calibration)
+            self._compare_all(model, candidate, pixels, results, request_id)
+        return Answers(results, SERVING, model.calibration)
 
     async def close(self) -> None:
         tasks = [*self._tasks, *([self._refresh] if self._refresh is not None else [])]
@@ -95,16 +114,18 @@ class Router:
 
     # -- internals -----------------------------------------------------------------------------------------------
     @staticmethod
-    async def _timed(model: str, version: str, role: str, call: Awaitable[Classification]) -> Classification:
+    async def _timed(model: str, version: str, role: str, call: Awaitable[T], images: int = 1) -> T:
+        """``call``'s answer, counted as ``images`` requests of (model, version, role) with its latency."""
         start = time.perf_counter()
         try:
             result = await call
         except Exception:
-            metrics.ROLLOUT_REQUESTS.labels(model, version, role).inc()
-            metrics.ROLLOUT_ERRORS.labels(model, version, role).inc()
+            metrics.ROLLOUT_REQUESTS.labels(model, version, role).inc(images)
+            metrics.ROLLOUT_ERRORS.labels(model, version, role).inc(images)
             raise
-        version = result.model_version or version
-        metrics.ROLLOUT_REQUESTS.labels(model, version, role).inc()
+        first = result[0] if isinstance(result, list) and result else result
+        version = getattr(first, "model_version", "") or version
+        metrics.ROLLOUT_REQUESTS.labels(model, version, role).inc(images)
         metrics.ROLLOUT_ERRORS.labels(model, version, role)  # exists at 0 beside its requests: error ratios read 0
         metrics.ROLLOUT_SECONDS.labels(model, version, role).observe(time.perf_counter() - start)
         return result
@@ -126,6 +147,12 @@ class Router:
             await self._triton.refresh()
         except ShopvisionError as error:
             LOG.warning("model refresh after a gone candidate failed: %s", error.message)
+
+    def _compare_all(self, model: Model, candidate: Candidate, pixels: np.ndarray, answered: list[Classification],
+                     request_id: str) -> None:
+        for index, (image, result) in enumerate(zip(pixels, answered, strict=True)):
+            self._compare(model, candidate, image, result,
+                          request_id if len(answered) == 1 else f"{request_id}-{index}")
 
     def _compare(self, model: Model, candidate: Candidate, pixels: np.ndarray, answered: Classification,
                  request_id: str) -> None:

@@ -9,8 +9,9 @@ from datetime import datetime
 from typing import cast
 
 import grpc
+import numpy as np
 from google.protobuf import timestamp_pb2
-from shopvision.v1 import recognition_pb2, recognition_pb2_grpc
+from shopvision.v1 import preprocess_pb2, recognition_pb2, recognition_pb2_grpc
 
 from services.common.errors import InvalidInput, ShopvisionError, Unavailable, remaining_seconds
 from services.common.logging import request_id_var
@@ -23,9 +24,10 @@ from services.gateway.config import GatewayConfig
 from services.gateway.drift import DriftMonitor
 from services.gateway.feedback import FeedbackItem, FeedbackService
 from services.gateway.preprocess_client import PreprocessClient
+from services.gateway.rollout import Calibration
 from services.gateway.routing import Router
 from services.gateway.security import authenticated_caller
-from services.gateway.triton import Model, TritonBackend
+from services.gateway.triton import Classification, Model, TritonBackend
 from services.gateway.uploads import check_upload
 
 LOG = logging.getLogger(__name__)
@@ -98,15 +100,38 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
             raise InvalidInput(f"unknown model {name!r}; available models: {available}", reason="unknown_model")
         return model
 
-    async def _classify_one(self, request: recognition_pb2.ClassifyRequest, deadline: float,
-                            request_id: str, caller: str) -> recognition_pb2.ClassifyResponse:
-        start = time.perf_counter()
+    async def _checked(self, request: recognition_pb2.ClassifyRequest) -> tuple[Model, int]:
+        """The model and top_k of one image to classify, after the checks every image gets."""
         check_upload(request.image, self._config.max_image_bytes)
         model = await self._model(request.model)
         top_k = request.top_k or self._config.default_top_k
         if top_k > model.num_classes:
             raise InvalidInput(f"top_k={top_k} is larger than the {model.num_classes} classes of model {model.name}",
                                reason="bad_top_k")
+        return model, top_k
+
+    def _response(self, model: Model, result: Classification, calibration: Calibration, pixels: np.ndarray,
+                  prep: preprocess_pb2.PreprocessResponse, top_k: int, request_id: str,
+                  timings: recognition_pb2.Timings) -> recognition_pb2.ClassifyResponse:
+        """One answered image as the API gives it (best ``top_k`` first), counted by the drift monitor."""
+        if result.class_ids:  # what live traffic looks like, against the answering version's reference
+            self._drift.observe(model.name, result.model_version, calibration.reference_json, model.labels,
+                                result.class_ids[0], result.scores[0], prep.original_width, prep.original_height,
+                                pixels)
+        threshold = self._config.rollout.confidence_threshold
+        return recognition_pb2.ClassifyResponse(
+            predictions=[
+                recognition_pb2.Prediction(label=label, score=score, class_id=class_id,
+                                           confident=calibration.confident(score, class_id, threshold))
+                for score, class_id, label in list(zip(result.scores, result.class_ids, result.labels,
+                                                       strict=True))[:top_k]],
+            model=model.name, model_version=result.model_version, request_id=request_id, timings=timings,
+            image_width=prep.original_width, image_height=prep.original_height)
+
+    async def _classify_one(self, request: recognition_pb2.ClassifyRequest, deadline: float,
+                            request_id: str, caller: str) -> recognition_pb2.ClassifyResponse:
+        start = time.perf_counter()
+        model, top_k = await self._checked(request)
 
         hop = time.perf_counter()
         pixels, prep = await self._preprocess.preprocess(request.image, model.spec, remaining_seconds(deadline),
@@ -117,28 +142,69 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
         hop = time.perf_counter()
         # The serving version, or during a rollout the canary for this caller (services/gateway/routing.py).
         answer = await self._router.classify(self._router.route(model, caller), pixels, top_k, deadline, request_id)
-        result = answer.result
         inference_s = time.perf_counter() - hop
         metrics.HOP_SECONDS.labels("triton").observe(inference_s)
-        if result.class_ids:  # what live traffic looks like, against the answering version's reference
-            self._drift.observe(model.name, result.model_version, answer.calibration.reference_json, model.labels,
-                                result.class_ids[0], result.scores[0], prep.original_width, prep.original_height,
-                                pixels)
+        return self._response(model, answer.result, answer.calibration, pixels, prep, top_k, request_id,
+                              recognition_pb2.Timings(preprocess_ms=preprocess_s * 1e3, inference_ms=inference_s * 1e3,
+                                                      total_ms=(time.perf_counter() - start) * 1e3))
 
-        threshold = self._config.rollout.confidence_threshold
-        return recognition_pb2.ClassifyResponse(
-            predictions=[
-                recognition_pb2.Prediction(label=label, score=score, class_id=class_id,
-                                           confident=answer.calibration.confident(score, class_id, threshold))
-                for score, class_id, label in zip(result.scores, result.class_ids, result.labels, strict=True)],
-            model=model.name,
-            model_version=result.model_version,
-            request_id=request_id,
-            timings=recognition_pb2.Timings(preprocess_ms=preprocess_s * 1e3, inference_ms=inference_s * 1e3,
-                                            total_ms=(time.perf_counter() - start) * 1e3),
-            image_width=prep.original_width,
-            image_height=prep.original_height,
-        )
+    async def _classify_group(self, model: Model, items: list[tuple[int, recognition_pb2.ClassifyRequest, int]],
+                              deadline: float, request_id: str, caller: str) -> dict[int, object]:
+        """The images of one batch that ask for ``model``: one PreprocessBatch call (or a few, within the message
+        limit) and one inference request per ``model.max_batch_size`` images; per item index its response or
+        its error."""
+        start = time.perf_counter()
+        out: dict[int, object] = {}
+        try:
+            prepared = await self._preprocess.preprocess_batch(
+                [request.image for _, request, _ in items], model.spec, remaining_seconds(deadline), request_id,
+                self._config.max_image_bytes)
+        except ShopvisionError as error:
+            return {index: error for index, _, _ in items}
+        preprocess_s = time.perf_counter() - start
+        metrics.HOP_SECONDS.labels("preprocess").observe(preprocess_s)
+        ready = []
+        for (index, _, top_k), result in zip(items, prepared, strict=True):
+            if isinstance(result, ShopvisionError):
+                out[index] = result
+            else:
+                ready.append((index, top_k, *result))
+        route = self._router.route(model, caller)
+        for first in range(0, len(ready), model.max_batch_size):
+            chunk = ready[first:first + model.max_batch_size]
+            hop = time.perf_counter()
+            try:
+                answers = await self._router.classify_many(route, np.stack([item[2] for item in chunk]),
+                                                           max(item[1] for item in chunk), deadline, request_id)
+            except ShopvisionError as error:
+                out.update({item[0]: error for item in chunk})
+                continue
+            inference_s = time.perf_counter() - hop
+            metrics.HOP_SECONDS.labels("triton").observe(inference_s)
+            timings = recognition_pb2.Timings(preprocess_ms=preprocess_s * 1e3, inference_ms=inference_s * 1e3,
+                                              total_ms=(time.perf_counter() - start) * 1e3)
+            for (index, top_k, pixels, prep), answer in zip(chunk, answers.results, strict=True):
+                out[index] = self._response(model, answer, answers.calibration, pixels, prep, top_k,
+                                            f"{request_id}-{index}", timings)
+        return out
+
+    async def _classify_batch(self, requests: list[recognition_pb2.ClassifyRequest], deadline: float,
+                              request_id: str, caller: str) -> list[object]:
+        """Each image checked on its own; the valid ones grouped by model, each group preprocessed and inferred
+        as a batch (one hop each, not one per image); per image its response or its error, in request order."""
+        checked = await asyncio.gather(*(self._checked(request) for request in requests), return_exceptions=True)
+        results: dict[int, object] = {}
+        groups: dict[str, tuple[Model, list[tuple[int, recognition_pb2.ClassifyRequest, int]]]] = {}
+        for index, (request, check) in enumerate(zip(requests, checked, strict=True)):
+            if isinstance(check, BaseException):
+                results[index] = check
+            else:
+                model, top_k = check
+                groups.setdefault(model.name, (model, []))[1].append((index, request, top_k))
+        for answered in await asyncio.gather(*(self._classify_group(model, items, deadline, request_id, caller)
+                                               for model, items in groups.values())):
+            results.update(answered)
+        return [results[index] for index in range(len(requests))]
 
     # -- RPCs ----------------------------------------------------------------------------------------------------
     async def Classify(self, request: recognition_pb2.ClassifyRequest,
@@ -173,10 +239,7 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
         caller = caller_of(context)
         self._gate.acquire(count)
         try:
-            results = await asyncio.gather(
-                *(self._classify_one(item, deadline, f"{request_id}-{i}", caller)
-                  for i, item in enumerate(request.requests)),
-                return_exceptions=True)
+            results = await self._classify_batch(list(request.requests), deadline, request_id, caller)
         finally:
             self._gate.release(count)
         items = []

@@ -117,6 +117,7 @@ class Model:
     members: str = ""  # shopvision.members of the serving version, e.g. "fashion_cnn_onnx:3,postprocess_softmax:1"
     calibration: Calibration = field(default_factory=Calibration)
     candidate: Candidate | None = None  # a rollout under way
+    max_batch_size: int = 1  # of the ensemble: the most images one inference request may carry
 
     @property
     def thresholds(self) -> tuple[float, ...]:
@@ -198,6 +199,12 @@ def parse_classification(row: np.ndarray) -> tuple[list[float], list[int], list[
         ids.append(int(index))
         labels.append(label)
     return scores, ids, labels
+
+
+def classifications(result: triton_aio.InferResult) -> list[Classification]:
+    """One :class:`Classification` per row of a classification-extension answer."""
+    version = result.get_response().model_version
+    return [Classification(*parse_classification(row), version) for row in result.as_numpy(OUTPUT)]
 
 
 class TritonBackend:
@@ -307,7 +314,8 @@ class TritonBackend:
                 model = Model(name, sorted(versions, key=lambda v: int(v) if v.isdigit() else 0),
                               spec, num_classes, embedding_source=embedding_source_of(config),
                               members=params.get(model_params.MEMBERS, ""),
-                              calibration=calibration_of(name, params, num_classes))
+                              calibration=calibration_of(name, params, num_classes),
+                              max_batch_size=max(1, int(config.get("max_batch_size", 1) or 1)))
                 previous = self._models.get(name)
                 if previous and previous.labels and previous.num_classes == model.num_classes:
                     model.labels = previous.labels
@@ -364,16 +372,25 @@ class TritonBackend:
 
     async def classify(self, model: Model, pixels: np.ndarray, top_k: int, timeout_s: float,
                        request_id: str) -> Classification:
-        result = await self._infer(model.name, pixels[None], top_k, timeout_s, request_id)
-        scores, ids, labels = parse_classification(result.as_numpy(OUTPUT)[0])
-        return Classification(scores, ids, labels, result.get_response().model_version)
+        return (await self.classify_many(model, pixels[None], top_k, timeout_s, request_id))[0]
+
+    async def classify_many(self, model: Model, pixels: np.ndarray, top_k: int, timeout_s: float,
+                            request_id: str) -> list[Classification]:
+        """The images of ``pixels`` (N, H, W, C) in one inference request of batch N, one result per image."""
+        result = await self._infer(model.name, pixels, top_k, timeout_s, request_id)
+        return classifications(result)
 
     async def classify_once(self, name: str, pixels: np.ndarray, top_k: int, timeout_s: float,
                             request_id: str) -> Classification:
-        """One attempt at Triton model ``name`` (a candidate, a comparison copy): no retries, since the caller
-        has the serving version to fall back on; :class:`ModelGone` when ``name`` is not READY."""
-        inputs = [triton_aio.InferInput(INPUT, [1, *pixels.shape], "UINT8")]
-        inputs[0].set_data_from_numpy(pixels[None])
+        return (await self.classify_once_many(name, pixels[None], top_k, timeout_s, request_id))[0]
+
+    async def classify_once_many(self, name: str, pixels: np.ndarray, top_k: int, timeout_s: float,
+                                 request_id: str) -> list[Classification]:
+        """One attempt at Triton model ``name`` (a candidate, a comparison copy) with the batch ``pixels``: no
+        retries, since the caller has the serving version to fall back on; :class:`ModelGone` when ``name`` is
+        not READY."""
+        inputs = [triton_aio.InferInput(INPUT, list(pixels.shape), "UINT8")]
+        inputs[0].set_data_from_numpy(pixels)
         outputs = [triton_aio.InferRequestedOutput(OUTPUT, class_count=top_k)]
         try:
             result = await self._client.infer(name, inputs, outputs=outputs, request_id=request_id,
@@ -382,8 +399,7 @@ class TritonBackend:
             if is_gone(error):
                 raise ModelGone(f"{name} is not ready in Triton: {error.message()}", reason="model_gone") from None
             raise _to_error(error, f"inferring {name}") from None
-        scores, ids, labels = parse_classification(result.as_numpy(OUTPUT)[0])
-        return Classification(scores, ids, labels, result.get_response().model_version)
+        return classifications(result)
 
     async def embed(self, model: Model, pixels: np.ndarray, timeout_s: float, request_id: str,
                     version: str = "") -> Embedding:

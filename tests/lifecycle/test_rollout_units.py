@@ -208,6 +208,14 @@ class FakeTriton:
             return Classification([0.8], [self.candidate_top], ["x"], "2")
         return Classification([0.9], [1], ["b"], "1")
 
+    async def classify_many(self, model: Model, pixels: np.ndarray, top_k: int, timeout_s: float,
+                            request_id: str) -> list[Classification]:
+        return [await self.classify(model, image, top_k, timeout_s, request_id) for image in pixels]
+
+    async def classify_once_many(self, name: str, pixels: np.ndarray, top_k: int, timeout_s: float,
+                                 request_id: str) -> list[Classification]:
+        return [await self.classify_once(name, image, top_k, timeout_s, request_id) for image in pixels]
+
     async def refresh(self) -> dict:
         self.refreshes += 1
         return {}
