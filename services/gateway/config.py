@@ -23,6 +23,7 @@ class GatewayConfig:
     max_image_bytes: int
     max_in_flight: int
     max_batch_items: int
+    batch_chunk_images: int
     default_timeout_s: float
     health_interval_s: float
     model_refresh_s: float
@@ -45,6 +46,7 @@ class GatewayConfig:
             max_image_bytes=env_int("GATEWAY_MAX_IMAGE_BYTES", 20 * MiB, env, minimum=1024),
             max_in_flight=env_int("GATEWAY_MAX_IN_FLIGHT", 64, env, minimum=1),
             max_batch_items=env_int("GATEWAY_MAX_BATCH_ITEMS", 32, env, minimum=1),
+            batch_chunk_images=env_int("GATEWAY_BATCH_CHUNK_IMAGES", 8, env, minimum=1),
             default_timeout_s=env_float("GATEWAY_DEFAULT_TIMEOUT_SECONDS", 10.0, env, minimum=0.01),
             health_interval_s=env_float("GATEWAY_HEALTH_INTERVAL_SECONDS", 1.0, env, minimum=0.05),
             # How often the models, their calibration and a rollout's split are re-read from Triton (on the

@@ -25,7 +25,7 @@ from services.gateway.drift import DriftMonitor
 from services.gateway.feedback import FeedbackItem, FeedbackService
 from services.gateway.preprocess_client import PreprocessClient
 from services.gateway.rollout import Calibration
-from services.gateway.routing import Router
+from services.gateway.routing import Route, Router
 from services.gateway.security import authenticated_caller
 from services.gateway.triton import Classification, Model, TritonBackend
 from services.gateway.uploads import check_upload
@@ -150,9 +150,22 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
 
     async def _classify_group(self, model: Model, items: list[tuple[int, recognition_pb2.ClassifyRequest, int]],
                               deadline: float, request_id: str, caller: str) -> dict[int, object]:
-        """The images of one batch that ask for ``model``: one PreprocessBatch call (or a few, within the message
-        limit) and one inference request per ``model.max_batch_size`` images; per item index its response or
-        its error."""
+        """The images of one batch that ask for ``model``, in chunks of GATEWAY_BATCH_CHUNK_IMAGES (at most the
+        ensemble's max_batch_size) sent at once; per item index its response or its error."""
+        size = min(self._config.batch_chunk_images, model.max_batch_size)
+        route = self._router.route(model, caller)
+        out: dict[int, object] = {}
+        for answered in await asyncio.gather(*(self._classify_chunk(model, route, items[first:first + size],
+                                                                    deadline, request_id)
+                                               for first in range(0, len(items), size))):
+            out.update(answered)
+        return out
+
+    async def _classify_chunk(self, model: Model, route: Route,
+                              items: list[tuple[int, recognition_pb2.ClassifyRequest, int]], deadline: float,
+                              request_id: str) -> dict[int, object]:
+        """One PreprocessBatch call (or a few, within the message limit) and one inference request for the
+        images of ``items`` (index, request, top_k)."""
         start = time.perf_counter()
         out: dict[int, object] = {}
         try:
@@ -169,23 +182,21 @@ class ProductRecognitionServicer(recognition_pb2_grpc.ProductRecognitionServicer
                 out[index] = result
             else:
                 ready.append((index, top_k, *result))
-        route = self._router.route(model, caller)
-        for first in range(0, len(ready), model.max_batch_size):
-            chunk = ready[first:first + model.max_batch_size]
-            hop = time.perf_counter()
-            try:
-                answers = await self._router.classify_many(route, np.stack([item[2] for item in chunk]),
-                                                           max(item[1] for item in chunk), deadline, request_id)
-            except ShopvisionError as error:
-                out.update({item[0]: error for item in chunk})
-                continue
-            inference_s = time.perf_counter() - hop
-            metrics.HOP_SECONDS.labels("triton").observe(inference_s)
-            timings = recognition_pb2.Timings(preprocess_ms=preprocess_s * 1e3, inference_ms=inference_s * 1e3,
-                                              total_ms=(time.perf_counter() - start) * 1e3)
-            for (index, top_k, pixels, prep), answer in zip(chunk, answers.results, strict=True):
-                out[index] = self._response(model, answer, answers.calibration, pixels, prep, top_k,
-                                            f"{request_id}-{index}", timings)
+        if not ready:
+            return out
+        hop = time.perf_counter()
+        try:
+            answers = await self._router.classify_many(route, np.stack([item[2] for item in ready]),
+                                                       max(item[1] for item in ready), deadline, request_id)
+        except ShopvisionError as error:
+            return out | {item[0]: error for item in ready}
+        inference_s = time.perf_counter() - hop
+        metrics.HOP_SECONDS.labels("triton").observe(inference_s)
+        timings = recognition_pb2.Timings(preprocess_ms=preprocess_s * 1e3, inference_ms=inference_s * 1e3,
+                                          total_ms=(time.perf_counter() - start) * 1e3)
+        for (index, top_k, pixels, prep), answer in zip(ready, answers.results, strict=True):
+            out[index] = self._response(model, answer, answers.calibration, pixels, prep, top_k,
+                                        f"{request_id}-{index}", timings)
         return out
 
     async def _classify_batch(self, requests: list[recognition_pb2.ClassifyRequest], deadline: float,

@@ -113,16 +113,17 @@ def test_classify_batch_mixes_results_and_errors(gateway) -> None:
     assert "not a recognised image" in reply.items[1].error.message
 
 
-def test_classify_batch_is_one_preprocess_call_and_one_triton_request_with_the_answers_of_single_calls(
-        gateway, stack) -> None:
-    """Eight photos (two top_k values), a bad one and one for another model: the default model's images go as one
-    PreprocessBatch call and one Triton request of batch 8, and each answer equals the one Classify gives it."""
+def test_classify_batch_goes_upstream_in_chunks_with_the_answers_of_single_calls(gateway, stack) -> None:
+    """Eight photos (two top_k values), then a bad one, then one for another model, on a gateway that sends chunks of
+    GATEWAY_BATCH_CHUNK_IMAGES = 8 (the default): the eight go as one PreprocessBatch call and one Triton request of
+    batch 8, the bad one as a second PreprocessBatch call that no inference follows, and each answer equals the
+    one Classify gives that photo."""
     names = ("coffee.png", "chelsea.png", "astronaut.png", "rocket.jpg", "china.jpg", "flower.jpg",
              "coffee.png", "chelsea.png")
-    requests = [recognition_pb2.ClassifyRequest(image=photo_bytes(name), top_k=1 + 4 * (i % 2))
-                for i, name in enumerate(names)]
-    requests.insert(3, recognition_pb2.ClassifyRequest(image=b"not an image"))
-    requests.append(recognition_pb2.ClassifyRequest(image=photo_bytes("coffee.png"), model="fashion_cnn"))
+    good = [recognition_pb2.ClassifyRequest(image=photo_bytes(name), top_k=1 + 4 * (i % 2))
+            for i, name in enumerate(names)]
+    requests = [*good, recognition_pb2.ClassifyRequest(image=b"not an image"),
+                recognition_pb2.ClassifyRequest(image=photo_bytes("coffee.png"), model="fashion_cnn")]
     ensemble = {"model": "efficientnet_lite0_imagenet", "version": "1"}
     ports = (stack.ports.triton_metrics, stack.ports.preprocess_metrics, stack.ports.gateway_metrics)
     before = [scrape(port) for port in ports]
@@ -133,20 +134,20 @@ def test_classify_batch_is_one_preprocess_call_and_one_triton_request_with_the_a
         return value(after[service], name, **labels) - value(before[service], name, **labels)
     assert delta(0, "nv_inference_request_success", **ensemble) == 1
     assert delta(0, "nv_inference_count", **ensemble) == 8
-    # The gateway timed one preprocess hop and one Triton hop per model of the batch, not one per image; every
-    # image reached the preprocess service, which refused the bad one.
-    assert delta(2, "shopvision_gateway_hop_duration_seconds_count", hop="preprocess") == 2
+    # The gateway timed one preprocess hop per chunk (two of the default model's, fashion_cnn's) and one Triton hop
+    # per chunk with an image left to classify, not one per image; every image reached the preprocess service,
+    # which refused the bad one.
+    assert delta(2, "shopvision_gateway_hop_duration_seconds_count", hop="preprocess") == 3
     assert delta(2, "shopvision_gateway_hop_duration_seconds_count", hop="triton") == 2
     assert delta(1, "shopvision_preprocess_image_bytes_count") == 10
     assert delta(1, "shopvision_preprocess_rejected_total", reason="not_an_image") == 1
 
     kinds = [item.WhichOneof("result") for item in reply.items]
-    assert kinds == ["response"] * 3 + ["error"] + ["response"] * 6
-    assert reply.items[3].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    assert reply.items[-1].response.model == "fashion_cnn"
-    answered = [item.response for item in reply.items[:3] + reply.items[4:-1]]
-    for request, batched in zip([r for r in requests if r.image != b"not an image" and not r.model], answered,
-                                strict=True):
+    assert kinds == ["response"] * 8 + ["error", "response"]
+    assert reply.items[8].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert reply.items[9].response.model == "fashion_cnn"
+    answered = [item.response for item in reply.items[:8]]
+    for request, batched in zip(good, answered, strict=True):
         single = gateway.Classify(request, timeout=30)
         assert len(batched.predictions) == request.top_k
         assert [p.label for p in batched.predictions] == [p.label for p in single.predictions]
