@@ -8,7 +8,6 @@ database, GATEWAY_CATALOG_DATABASE_URL); ``python -m training.feedback`` reads t
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from datetime import datetime
 
 from services.common.errors import InvalidInput
 from services.gateway import metrics
-from services.gateway.catalog.store import CatalogStore, database_errors
+from services.gateway.catalog.store import CatalogStore, database_errors, keep_image, sha256
 
 LOG = logging.getLogger(__name__)
 
@@ -81,16 +80,9 @@ class FeedbackStore:
     async def insert(self, item: FeedbackItem) -> Stored:
         """Store the photo (once per content) and the feedback (once per model, photo and label), committed
         before this returns."""
-        digest = hashlib.sha256(item.image).digest()
+        digest = sha256(item.image)
         async with database_errors("storing feedback"), self._catalog.connection() as conn, conn.transaction():
-            # The photo is held FOR KEY SHARE until commit, so the catalog's orphan clean-up cannot delete it
-            # between this insert and the feedback row (if one just did, it is stored again).
-            while True:
-                await conn.execute("INSERT INTO images (sha256, image) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                                   (digest, item.image))
-                cursor = await conn.execute("SELECT 1 FROM images WHERE sha256 = %s FOR KEY SHARE", (digest,))
-                if await cursor.fetchone() is not None:
-                    break
+            await keep_image(conn, digest, item.image)
             cursor = await conn.execute(
                 "INSERT INTO feedback (model, label, image_sha256, image_bytes, request_id, product_id, caller)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT ON CONSTRAINT feedback_once DO NOTHING"

@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 
@@ -39,9 +38,6 @@ class Route:
     model: Model
     role: str
     candidate: Candidate | None
-
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,14 +63,17 @@ class Router:
         self._comparisons = InFlightLimit(config.shadow_max_in_flight)
         self._tasks: set[asyncio.Task] = set()
         self._refresh: asyncio.Task | None = None
+        self._unroutable: set[tuple[str, str]] = set()  # (candidate, version) already warned about
 
     def route(self, model: Model, caller: str) -> Route:
         candidate = model.candidate
         if candidate is not None and candidate.spec != model.spec:
             # The pixels are made once, with the serving version's recipe (a fallback must reuse them): a
-            # candidate with another recipe is not routed to.
-            LOG.warning("candidate %s has another preprocessing recipe than %s: not routed to",
-                        candidate.triton_name, model.name)
+            # candidate with another recipe is not routed to. Said once per candidate version, not per request.
+            if (candidate.triton_name, candidate.version) not in self._unroutable:
+                self._unroutable.add((candidate.triton_name, candidate.version))
+                LOG.warning("candidate %s has another preprocessing recipe than %s: not routed to",
+                            candidate.triton_name, model.name)
             return Route(model, SERVING, None)
         role = CANARY if candidate is not None and candidate.answers(caller) else SERVING
         return Route(model, role, candidate)
@@ -114,21 +113,21 @@ class Router:
 
     # -- internals -----------------------------------------------------------------------------------------------
     @staticmethod
-    async def _timed(model: str, version: str, role: str, call: Awaitable[T], images: int = 1) -> T:
-        """``call``'s answer, counted as ``images`` requests of (model, version, role) with its latency."""
+    async def _timed(model: str, version: str, role: str, call: Awaitable[list[Classification]],
+                     images: int) -> list[Classification]:
+        """``call``'s answers, counted as ``images`` requests of (model, version, role) with its latency."""
         start = time.perf_counter()
         try:
-            result = await call
+            results = await call
         except Exception:
             metrics.ROLLOUT_REQUESTS.labels(model, version, role).inc(images)
             metrics.ROLLOUT_ERRORS.labels(model, version, role).inc(images)
             raise
-        first = result[0] if isinstance(result, list) and result else result
-        version = getattr(first, "model_version", "") or version
+        version = (results[0].model_version if results else "") or version
         metrics.ROLLOUT_REQUESTS.labels(model, version, role).inc(images)
         metrics.ROLLOUT_ERRORS.labels(model, version, role)  # exists at 0 beside its requests: error ratios read 0
         metrics.ROLLOUT_SECONDS.labels(model, version, role).observe(time.perf_counter() - start)
-        return result
+        return results
 
     def _note_failure(self, candidate: Candidate, error: ShopvisionError) -> None:
         if isinstance(error, ModelGone):
@@ -171,10 +170,12 @@ class Router:
         timeout_s = self._config.shadow_timeout_s
         try:
             if candidate.mode == SHADOW:
-                other = await self._timed(model.name, candidate.version, SHADOW, self._triton.classify_once(
-                    candidate.triton_name, pixels, 1, timeout_s, f"{request_id}-shadow"))
+                others = await self._timed(model.name, candidate.version, SHADOW, self._triton.classify_once_many(
+                    candidate.triton_name, pixels[None], 1, timeout_s, f"{request_id}-shadow"), 1)
             else:
-                other = await self._triton.classify_once(model.name, pixels, 1, timeout_s, f"{request_id}-compare")
+                others = await self._triton.classify_once_many(model.name, pixels[None], 1, timeout_s,
+                                                               f"{request_id}-compare")
+            other = others[0]
             agree = bool(other.class_ids) and other.class_ids[0] == answered_top
             metrics.SHADOW_AGREEMENT.labels(model.name, "true" if agree else "false").inc()
         except ShopvisionError as error:

@@ -35,11 +35,15 @@ REQUEST_ID_KEY = "x-request-id"
 CALLER_ID_KEY = "x-caller-id"
 
 
+def metadata_text(context: grpc.aio.ServicerContext, key: str) -> str:
+    """The caller's ``key`` metadata trimmed to 128 printable characters ('' when absent)."""
+    given = dict(context.invocation_metadata() or ()).get(key, "")
+    return "".join(ch for ch in str(given)[:128] if ch.isprintable())
+
+
 def request_id_of(context: grpc.aio.ServicerContext) -> str:
     """The caller's ``x-request-id`` (trimmed to 128 printable characters) or a new one."""
-    given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY, "")
-    cleaned = "".join(ch for ch in str(given)[:128] if ch.isprintable())
-    return cleaned or uuid.uuid4().hex
+    return metadata_text(context, REQUEST_ID_KEY) or uuid.uuid4().hex
 
 
 def stated_caller(context: grpc.aio.ServicerContext) -> str:
@@ -48,10 +52,9 @@ def stated_caller(context: grpc.aio.ServicerContext) -> str:
     authenticated = authenticated_caller.get()
     if authenticated:
         return "token:" + authenticated
-    given = dict(context.invocation_metadata() or ()).get(CALLER_ID_KEY, "")
-    cleaned = "".join(ch for ch in str(given)[:128] if ch.isprintable())
-    if cleaned:
-        return cleaned
+    stated = metadata_text(context, CALLER_ID_KEY)
+    if stated:
+        return stated
     names = (context.auth_context() or {}).get("x509_common_name")
     return "cn:" + names[0].decode(errors="replace") if names else ""
 

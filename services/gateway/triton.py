@@ -370,19 +370,11 @@ class TritonBackend:
         except InferenceServerException as error:
             raise _to_error(error, what) from None
 
-    async def classify(self, model: Model, pixels: np.ndarray, top_k: int, timeout_s: float,
-                       request_id: str) -> Classification:
-        return (await self.classify_many(model, pixels[None], top_k, timeout_s, request_id))[0]
-
     async def classify_many(self, model: Model, pixels: np.ndarray, top_k: int, timeout_s: float,
                             request_id: str) -> list[Classification]:
         """The images of ``pixels`` (N, H, W, C) in one inference request of batch N, one result per image."""
         result = await self._infer(model.name, pixels, top_k, timeout_s, request_id)
         return classifications(result)
-
-    async def classify_once(self, name: str, pixels: np.ndarray, top_k: int, timeout_s: float,
-                            request_id: str) -> Classification:
-        return (await self.classify_once_many(name, pixels[None], top_k, timeout_s, request_id))[0]
 
     async def classify_once_many(self, name: str, pixels: np.ndarray, top_k: int, timeout_s: float,
                                  request_id: str) -> list[Classification]:

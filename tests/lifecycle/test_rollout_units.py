@@ -193,13 +193,11 @@ class FakeTriton:
         self.refreshes = 0
         self.calls: list[str] = []
 
-    async def classify(self, model: Model, pixels: np.ndarray, top_k: int, timeout_s: float,
-                       request_id: str) -> Classification:
+    def _serving(self, model: Model) -> Classification:
         self.calls.append(model.name)
         return Classification([0.9], [1], ["b"], "1")
 
-    async def classify_once(self, name: str, pixels: np.ndarray, top_k: int, timeout_s: float,
-                            request_id: str) -> Classification:
+    async def _once(self, name: str) -> Classification:
         self.calls.append(name)
         if name.endswith(model_params.CANDIDATE_SUFFIX):
             await asyncio.sleep(self.candidate_delay_s)
@@ -210,11 +208,11 @@ class FakeTriton:
 
     async def classify_many(self, model: Model, pixels: np.ndarray, top_k: int, timeout_s: float,
                             request_id: str) -> list[Classification]:
-        return [await self.classify(model, image, top_k, timeout_s, request_id) for image in pixels]
+        return [self._serving(model) for _ in pixels]
 
     async def classify_once_many(self, name: str, pixels: np.ndarray, top_k: int, timeout_s: float,
                                  request_id: str) -> list[Classification]:
-        return [await self.classify_once(name, image, top_k, timeout_s, request_id) for image in pixels]
+        return [await self._once(name) for _ in pixels]
 
     async def refresh(self) -> dict:
         self.refreshes += 1

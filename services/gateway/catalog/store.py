@@ -133,6 +133,18 @@ def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+async def keep_image(conn: psycopg.AsyncConnection, digest: bytes, image: bytes) -> None:
+    """Store the image (once per content) and hold it ``FOR KEY SHARE`` until commit, so a concurrent orphan
+    clean-up cannot delete it under this write (if one just did, it is stored again). Products and feedback
+    keep their photos through it."""
+    while True:
+        await conn.execute("INSERT INTO images (sha256, image) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                           (digest, image))
+        cursor = await conn.execute("SELECT 1 FROM images WHERE sha256 = %s FOR KEY SHARE", (digest,))
+        if await cursor.fetchone() is not None:
+            return
+
+
 def index_name(catalog_id: int, dim: int, version: str) -> str:
     """A stable, valid identifier for the HNSW index of one (catalog, version)."""
     digest = hashlib.sha1(version.encode()).hexdigest()[:10]
@@ -328,7 +340,7 @@ class CatalogStore:
                      needed: set[str]) -> bool:
         """One product's rows, in the caller's transaction; whether it replaced an existing product."""
         digest = sha256(product.image)
-        await self._keep_image(conn, digest, product.image)
+        await keep_image(conn, digest, product.image)
         cursor = await conn.execute(
             # The statement's snapshot gives the row as it was (no FOR UPDATE here: a locking CTE whose row the
             # upsert then updates returns nothing). A concurrent replace of the same id can make this image stale;
@@ -368,16 +380,6 @@ class CatalogStore:
                 raise NotFound(f"product {product_id!r} is not in catalog {catalog.name!r}", reason="unknown_product")
             await self._drop_orphan_image(conn, row[0])
             return await self._count(conn, catalog.catalog_id, -1)
-
-    async def _keep_image(self, conn: psycopg.AsyncConnection, digest: bytes, image: bytes) -> None:
-        """Store the image (once per content) and hold it ``FOR KEY SHARE`` until commit, so a concurrent
-        orphan clean-up cannot delete it under this write (if one just did, it is stored again)."""
-        while True:
-            await conn.execute("INSERT INTO images (sha256, image) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                               (digest, image))
-            cursor = await conn.execute("SELECT 1 FROM images WHERE sha256 = %s FOR KEY SHARE", (digest,))
-            if await cursor.fetchone() is not None:
-                return
 
     async def _drop_orphan_image(self, conn: psycopg.AsyncConnection, digest: bytes) -> None:
         """Delete an image no product uses any more. A write of another transaction that took it meanwhile
